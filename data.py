@@ -1,0 +1,263 @@
+"""Datasets for clipgen, shared by the trainers and evaluate.py, plus the little plumbing they share.
+
+Two worlds (see README):
+- real images: an ImageNet-style tree (`train/<class>/*.JPEG`, `val/<class>/*.JPEG`) or any folder of images, nested
+  or flat. Corrupt files are skipped with a warning and counted, never fatal.
+- the procedural `shapes` world: one coloured shape on a plain background, deterministic from (seed, index), with a
+  caption and its attribute labels. It lets the whole method train on a CPU in minutes.
+
+Every item is a dict: `image` (3, R, R) float in [-1, 1], `index`, `caption` ("" for folders), `label` (class index
+for ImageNet-style trees, else -1); shapes items also carry `color`, `shape`, `size`, `bg` indices.
+"""
+import os
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader, Dataset
+
+# -----------------------------------------------------------------------------
+# the shapes world
+
+COLORS = {  # name -> RGB; saturated and far apart, so an exact palette analysis can judge generated images
+    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 220, 30),
+    "orange": (245, 140, 20), "purple": (140, 40, 170), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+COLOR_NAMES = list(COLORS)
+SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond"]  # drawn upright: a diamond is not a square
+SIZES = ["small", "large"]
+RADIUS = {"small": (0.17, 0.23), "large": (0.28, 0.36)}  # half-extent as a fraction of the side; small stays >~10 px
+                                                          # at 64 px so a stride-8 tokenizer still sees its outline
+
+
+def shape_attributes(seed, index):
+    """The (deterministic) attributes of shapes image `index` of the world `seed`."""
+    rng = np.random.default_rng([seed, index])
+    color = int(rng.integers(len(COLORS)))
+    bg = int(rng.integers(len(COLORS) - 1))
+    bg += bg >= color  # any palette colour but the shape's own
+    size = int(rng.integers(len(SIZES)))
+    r = float(rng.uniform(*RADIUS[SIZES[size]]))
+    cx, cy = rng.uniform(r, 1 - r, size=2)
+    drop_size, drop_bg = rng.random(2) < 0.5  # caption variants, so "a red circle" is in distribution
+    return dict(color=color, shape=int(rng.integers(len(SHAPES))), size=size, bg=bg, r=r, cx=float(cx), cy=float(cy),
+                drop_size=bool(drop_size), drop_bg=bool(drop_bg))
+
+
+def _polygon(shape, cx, cy, r):
+    """Vertices (in pixels) of the polygonal shapes, upright."""
+    if shape == "square":
+        s = r * 0.85  # a square of half-side r looks much bigger than a circle of radius r
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    if shape == "triangle":  # equilateral, centred on its centroid, pointing up
+        return [(cx + r * np.cos(a), cy - r * np.sin(a)) for a in np.pi / 2 + np.arange(3) * 2 * np.pi / 3]
+    if shape == "star":  # five points, inner radius 0.45 r
+        radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+        angles = np.pi / 2 + np.arange(10) * np.pi / 5
+        return [(cx + q * np.cos(a), cy - q * np.sin(a)) for q, a in zip(radii, angles)]
+    if shape == "cross":  # a plus sign with arms 0.36 r thick
+        t = 0.36 * r
+        return [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
+                (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t),
+                (cx - r, cy - t), (cx - t, cy - t)]
+    raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+
+
+def render(attrs, resolution=64):
+    """Draw one shapes image (RGB, no anti-aliasing: every pixel is exactly one palette colour)."""
+    img = Image.new("RGB", (resolution, resolution), COLORS[COLOR_NAMES[attrs["bg"]]])
+    draw = ImageDraw.Draw(img)
+    cx, cy, r = attrs["cx"] * resolution, attrs["cy"] * resolution, attrs["r"] * resolution
+    fill = COLORS[COLOR_NAMES[attrs["color"]]]
+    shape = SHAPES[attrs["shape"]]
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, r), fill=fill)
+    return img
+
+
+def caption(attrs):
+    """'a {size} {color} {shape} on a {bg} background', with size and background each dropped half the time."""
+    words = ([] if attrs["drop_size"] else [SIZES[attrs["size"]]]) + [COLOR_NAMES[attrs["color"]], SHAPES[attrs["shape"]]]
+    text = with_article(" ".join(words))
+    return text if attrs["drop_bg"] else f"{text} on {with_article(COLOR_NAMES[attrs['bg']])} background"
+
+
+def with_article(phrase):
+    """'orange circle' -> 'an orange circle'."""
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def prompt(color, shape):
+    """The short prompt of a colour-shape pair (indices), e.g. 'a red circle': what the shapes evaluation asks for."""
+    return with_article(f"{COLOR_NAMES[color]} {SHAPES[shape]}")
+
+
+def to_tensor(img):
+    """PIL RGB (H, W, 3) uint8 -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(127.5).sub(1)
+
+
+class Shapes(Dataset):
+    """n procedural images of the world `seed`; the validation split is another world (seed + 1_000_003)."""
+
+    def __init__(self, n=50_000, resolution=64, seed=0, train=True):
+        self.n, self.resolution, self.seed, self.train = n, resolution, seed, train
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        a = shape_attributes(self.seed, index)
+        # no flip augmentation: every shape here is left-right symmetric, a flip only moves it
+        return dict(image=to_tensor(render(a, self.resolution)), index=index, caption=caption(a), label=-1,
+                    color=a["color"], shape=a["shape"], size=a["size"], bg=a["bg"])
+
+
+# -----------------------------------------------------------------------------
+# folders of real images
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def resize_crop(img, resolution, train, rng=random):
+    """Resize the shorter side to `resolution` (bicubic), then a random (train) or centre crop; random flip in train."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    img = img.resize((nw, nh), Image.BICUBIC)
+    if train:
+        left, top = rng.randint(0, nw - resolution), rng.randint(0, nh - resolution)
+    else:
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    if train and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return img
+
+
+class ImageFolder(Dataset):
+    """Every image file under `root` (recursively). With class sub-folders, `label` is the folder's index."""
+
+    def __init__(self, root, resolution=256, train=True):
+        self.root, self.resolution, self.train = Path(root), resolution, train
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not self.files:
+            raise FileNotFoundError(f"no images found under {self.root} (looked for {sorted(IMAGE_EXTENSIONS)}, "
+                                    f"recursively); put image files there or pass another --data folder")
+        classes = sorted({p.parent for p in self.files})
+        self.class_index = {c: i for i, c in enumerate(classes)} if len(classes) > 1 else {}
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        path = self.files[index]
+        try:
+            with Image.open(path) as img:
+                img.load()  # decode fully here, so a truncated file fails now rather than in the resize
+                img = img.convert("RGB")
+        except Exception as e:  # PIL raises many types for bad files; any of them means "skip this one"
+            warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
+            return None
+        return dict(image=to_tensor(resize_crop(img, self.resolution, self.train)), index=index, caption="",
+                    label=self.class_index.get(path.parent, -1))
+
+
+def get_dataset(name_or_path, split="train", resolution=256, train=True, n=None):
+    """'shapes', 'imagenet' ($IMAGENET_DIR or data/imagenet) or a folder; uses <root>/<split> when it has train/ val/."""
+    if name_or_path == "shapes":
+        if split not in ("train", "val"):
+            raise ValueError(f"shapes has splits 'train' and 'val', not {split!r}")
+        seed = 0 if split == "train" else 1_000_003
+        return Shapes(n or (50_000 if split == "train" else 2_000), resolution, seed=seed, train=train)
+    if name_or_path == "imagenet":
+        root = Path(os.environ.get("IMAGENET_DIR", "data/imagenet"))
+        if not (root / split).is_dir():
+            raise FileNotFoundError(
+                f"ImageNet not found: looked for {root / split}. Set IMAGENET_DIR to a folder holding train/ and val/ "
+                f"class folders (e.g. ILSVRC2012 extracted, val sorted into class folders), or pass --data FOLDER")
+    else:
+        root = Path(name_or_path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data {name_or_path!r} is neither 'shapes', 'imagenet' nor an existing folder")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        root = root / split
+    dataset = ImageFolder(root, resolution, train)
+    if n is not None:
+        dataset.files = dataset.files[:n]
+    return dataset
+
+
+def collate(items):
+    """Stack the items that decoded; `skipped` counts the ones that did not (their __getitem__ returned None)."""
+    good = [it for it in items if it is not None]
+    batch = torch.utils.data.default_collate(good) if good else {}
+    batch["skipped"] = len(items) - len(good)
+    return batch
+
+
+def make_loader(dataset, batch_size, train, workers=None, sampler=None, seed=0):
+    """A DataLoader that keeps up: worker processes, pinned memory on CUDA, shuffling unless a sampler is given."""
+    if workers is None:
+        workers = min(8, os.cpu_count() or 1) if len(dataset) > 10_000 else 0
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers, collate_fn=collate, pin_memory=torch.cuda.is_available(), drop_last=train,
+                      generator=g, persistent_workers=workers > 0)
+
+
+# -----------------------------------------------------------------------------
+# plumbing shared by the trainers
+
+def setup_distributed():
+    """(rank, local_rank, world_size, device) from torchrun's environment; a plain process is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, local_rank, world, device
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def rng_state():
+    """Every RNG a training step draws from, as tensors and plain types (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
