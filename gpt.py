@@ -1,0 +1,317 @@
+"""
+The stage-2 transformer of CLIP-GEN (Wang et al. 2022, arXiv 2203.00386): a GPT that models
+p(image tokens | CLIP embedding), trained on CLIP *image* embeddings and prompted with CLIP *text* embeddings.
+
+Architecture in the spirit of karpathy/nanoGPT `model.py` (pre-LN blocks, fused QKV, SDPA attention, learned
+absolute positions), with the conditioning of HFAiLab/clip-gen: the L2-normalised CLIP embedding is projected by
+one Linear to a single prefix token at position 0, so the sequence is [cond, t_0 .. t_{T-2}] and its T outputs
+predict t_0 .. t_{T-1}. The head is untied (the codebook vocabulary is not a text vocabulary worth sharing).
+A learned null condition replaces the prefix when the condition is dropped in training, which gives
+classifier-free guidance at sampling time (Crowson's "super-conditioning").
+
+Reads only our own checkpoints: {"model": state_dict, "config": Config as dict, "step": int, ...}.
+"""
+
+import inspect
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    vocab_size: int = 16384  # codebook size of the VQGAN the tokens come from (set from meta.json)
+    block_size: int = 256    # tokens per image, h*w (16x16 for f16 at 256 px); positions = prefix + T-1 tokens
+    cond_dim: int = 512      # CLIP joint-space size (512 for ViT-B/32)
+    n_layer: int = 24
+    n_head: int = 16
+    n_embd: int = 1024
+    dropout: float = 0.0     # HFAiLab trains with 0.1; we default to 0 and let presets/flags set it
+    bias: bool = True        # GPT-2 layout; False is ~6% faster (nanoGPT commit e808a671)
+
+
+# Named sizes. Paper: GPT2-medium for MS-COCO, GPT2-XL for ImageNet (clipgen.md section 3, unverified for the paper;
+# the HF gpt2-xl config is 48 layers / 1600 / 25 heads).
+PRESETS = {
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, dropout=0.1),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, dropout=0.1),
+    # shapes world: 8x8 = 64 tokens from a small codebook, 128-d CLIP; sized to train for thousands of steps on a CPU
+    "shapes": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=512, block_size=64, cond_dim=128),
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=16, block_size=16, cond_dim=8),
+}
+
+
+def make_config(preset, **overrides):
+    """Config from a preset name, with data-dependent fields (vocab_size, block_size, cond_dim) overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown GPT preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return Config(**{**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+class KVCache:
+    """Static per-layer key/value buffers, (B, n_head, block_size, head_dim), allocated on the first write."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def update(self, k, v, pos):
+        # k, v (B, H, L, hd) for positions pos .. pos+L-1 -> all keys/values so far (B, H, pos+L, hd)
+        if self.k is None:
+            B, H, _, hd = k.shape
+            self.k = k.new_zeros(B, H, self.size, hd)
+            self.v = v.new_zeros(B, H, self.size, hd)
+        L = k.shape[2]
+        self.k[:, :, pos:pos + L] = k
+        self.v[:, :, pos:pos + L] = v
+        return self.k[:, :, :pos + L], self.v[:, :, :pos + L]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0, f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}"
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # fused q, k, v
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+
+    def forward(self, x, cache=None, pos=0):
+        B, L, C = x.shape
+        # (B, L, 3C) -> 3 x (B, H, L, hd)
+        q, k, v = (t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(C, dim=2))
+        if cache is not None:
+            # decoding reads the keys of every earlier position; a multi-token write is only the prefill at pos 0
+            assert L == 1 or pos == 0, "KV cache: several new tokens are only supported at position 0"
+            k, v = cache.update(k, v, pos)
+        # one new query attends to all cached keys (no mask: nanoGPT PR #694); otherwise a plain causal mask
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, L, C)  # (B, H, L, hd) -> (B, L, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU()  # nn.GELU over a hand-written tanh form: "1.27x faster" (nanoGPT PR #274)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), cache, pos)  # pre-LN residual blocks
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.cond_proj = nn.Linear(cfg.cond_dim, cfg.n_embd, bias=cfg.bias)  # CLIP embedding -> one prefix token
+        self.null_cond = nn.Parameter(torch.zeros(cfg.n_embd))              # the "no condition" prefix token
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)            # position 0 is the prefix
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)     # untied
+        self.apply(self._init_weights)
+        nn.init.normal_(self.null_cond, std=0.02)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream does not grow with depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def _prefix(self, cond, drop, B):
+        """(B, cond_dim) CLIP embeddings (any norm) -> (B, 1, C) prefix tokens; drop (B,) bool picks the null one."""
+        null = self.null_cond.view(1, 1, -1).expand(B, 1, -1)
+        if cond is None:
+            return null
+        x = self.cond_proj(F.normalize(cond.float(), dim=-1).to(self.cond_proj.weight.dtype)).unsqueeze(1)
+        if drop is not None:
+            x = torch.where(drop.view(B, 1, 1), null.to(x.dtype), x)
+        return x
+
+    def hidden(self, idx, cond, drop=None, caches=None, pos=0):
+        """Final-norm hidden states (B, L, C). At pos 0 the sequence is [cond, idx] (L = t+1), later just idx."""
+        B, t = idx.shape
+        x = self.tok_emb(idx)                                               # (B, t, C)
+        if pos == 0:
+            x = torch.cat([self._prefix(cond, drop, B).to(x.dtype), x], 1)  # (B, 1, C) + (B, t, C) -> (B, t+1, C)
+        L = x.shape[1]
+        if pos + L > self.config.block_size:
+            raise ValueError(f"sequence of {pos + L} positions exceeds block_size {self.config.block_size}")
+        x = self.drop(x + self.pos_emb(torch.arange(pos, pos + L, device=idx.device)))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i], pos)
+        return self.ln_f(x)
+
+    def forward(self, idx, cond, targets=None, drop=None):
+        """
+        idx (B, t) long: the image tokens seen, t_0 .. t_{t-1}, 0 <= t < block_size
+        cond (B, cond_dim): CLIP embedding (normalised here) or None for the null condition
+        targets (B, t+1) long, optional: the tokens to predict, normally t_0 .. t_t
+        drop (B,) bool, optional: rows that get the learned null condition instead (classifier-free guidance)
+        Returns logits (B, t+1, vocab) -- position i predicts t_i -- and the mean cross-entropy (or None).
+        Training on whole images: `gpt(tokens[:, :-1], cond, targets=tokens)` (sequence [cond, t_0..t_{T-2}]).
+        """
+        logits = self.head(self.hidden(idx, cond, drop))                    # (B, t+1, V), all positions trained
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, cond, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 prefix=None, use_cache=True, batch_size=None):
+        """
+        Sample whole images' tokens.
+        cond (B, cond_dim) CLIP embeddings (image or text), or None for unconditional samples (then batch_size=B).
+        cfg_scale: classifier-free guidance, logits = uncond + s * (cond - uncond); 1 = off (no second branch).
+        temperature 0 = greedy. top_k keeps the k best tokens, top_p the smallest set with mass >= p (after top_k).
+        generator: a torch.Generator on the model's device, for reproducible samples.
+        prefix (B, P) long: fixed first tokens (image completion); they are kept and the rest sampled.
+        use_cache=False recomputes the whole sequence every step (slow; for tests and benchmarks).
+        Returns (B, block_size) long tokens in raster order.
+        """
+        T, dev = self.config.block_size, self.head.weight.device
+        B = cond.shape[0] if cond is not None else batch_size
+        if B is None:
+            raise ValueError("generate: pass cond (B, cond_dim) or, for unconditional samples, batch_size")
+        guided = cfg_scale != 1.0
+        if guided and cond is None:
+            raise ValueError("generate: cfg_scale != 1 needs a condition to guide towards")
+        # classifier-free guidance runs both branches in one batch: rows [:B] conditional, [B:] the null prefix
+        c, drop = cond, None
+        if guided:
+            c = torch.cat([cond, cond])
+            drop = torch.arange(2 * B, device=dev) >= B
+        tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
+        P = 0
+        if prefix is not None:
+            P = prefix.shape[1]
+            if prefix.shape[0] != B or P > T:
+                raise ValueError(f"prefix must be (B={B}, P<={T}) tokens, got {tuple(prefix.shape)}")
+            tokens[:, :P] = prefix
+        n = 2 if guided else 1
+        caches = [KVCache() for _ in self.blocks] if use_cache else None
+        for cache in caches or []:
+            cache.size = T
+        for i in range(P, T):
+            if not use_cache:
+                h = self.hidden(tokens[:, :i].repeat(n, 1), c, drop)[:, -1]           # full recomputation
+            elif i == P:
+                h = self.hidden(tokens[:, :i].repeat(n, 1), c, drop, caches, 0)[:, -1]  # prefill [cond, prefix]
+            else:
+                # feed t_{i-1} at sequence position i (position 0 is the prefix token)
+                h = self.hidden(tokens[:, i - 1:i].repeat(n, 1), c, drop, caches, i)[:, -1]
+            logits = self.head(h).float()                                          # (n*B, V)
+            if guided:
+                lc, lu = logits[:B], logits[B:]
+                logits = lu + cfg_scale * (lc - lu)
+            tokens[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
+        return tokens
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6N + 12 * n_layer * n_embd * T (PaLM appendix B, as in nanoGPT's estimate_mfu).
+        N leaves out the lookup tables (token/position embeddings, null token), which cost no matmul FLOPs;
+        the untied head is a matmul and stays in."""
+        cfg = self.config
+        n = self.num_params() - self.tok_emb.weight.numel() - self.pos_emb.weight.numel() - self.null_cond.numel()
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def configure_optimizers(self, weight_decay, lr, betas, device_type):
+        """AdamW; decay only Linear weights (no decay on biases, norms, embeddings, null token), fused on CUDA."""
+        decay = {id(m.weight) for m in self.modules() if isinstance(m, nn.Linear)}
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+                  {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **(dict(fused=True) if fused else {}))
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):
+        """Rebuild a GPT from our checkpoint {"model", "config", ...}; returns it in eval mode."""
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+            raise ValueError(f"{path} is not a clipgen GPT checkpoint (expected keys 'model' and 'config')")
+        model = cls(Config(**ckpt["config"]))
+        model.load_state_dict(clean_state_dict(ckpt["model"]))
+        return model.to(device).eval()
+
+    def checkpoint(self, **extra):
+        return {"model": self.state_dict(), "config": asdict(self.config), **extra}
+
+
+def clean_state_dict(sd):
+    """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
+    out = {}
+    for k, v in sd.items():
+        for p in ("_orig_mod.", "module."):
+            k = k[len(p):] if k.startswith(p) else k
+        out[k] = v
+    return out
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, V) float logits -> (B,) sampled indices. temperature 0 means argmax."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (the best token always stays)
+        remove = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+# Dense bf16 tensor-core peaks (no 2:4 sparsity): nanoGPT model.py (A100), clipgen.md section 11.2 (H100/H200 SXM,
+# H100 PCIe), nanochat #60 (4090, 3090). Matched by substring of torch.cuda.get_device_name, first match wins.
+PEAK_FLOPS = [("A100", 312e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12),
+              ("4090", 165.2e12), ("3090", 71e12)]
+
+
+def peak_flops(device):
+    """Peak bf16 FLOP/s of a torch device, or None when unknown (CPU, MPS, unlisted GPUs): callers print n/a."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+
+
+def estimate_mfu(flops_per_token, tokens_per_s, device):
+    """Model FLOPs utilisation of one process (per device, not x world size), or None on unknown devices."""
+    peak = peak_flops(device)
+    return None if peak is None else flops_per_token * tokens_per_s / peak
