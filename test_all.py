@@ -1,3 +1,4 @@
+"""clipgen test suite: CPU, tiny configs, a few minutes on 2 cores. Run: python -m pytest -q test_all.py"""
 import sys
 from pathlib import Path
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = next(p for p in Path(__file__).resolve().parents if (p / "clip.py").exists() or (p / "data.py").exists())
+ROOT = Path(__file__).resolve().parent
+ASSETS = ROOT.parent / "shared" / "assets"  # the CLIP BPE vocabulary and a test image, beside the checkout
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 
@@ -97,3 +99,6 @@ def test_atomic_save_and_rng_state_round_trip(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1))
     data.set_rng_state(state)
     assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+# =============================================================================
