@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/gpt", help="checkpoints, sample grids")
     p.add_argument("--data-dir", help="tokens.npy / clip_emb.npy / meta.json (default: <out>/data)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt exactly")
+    p.add_argument("--stop-after", type=int, help="leave (with a checkpoint) after this many steps of this run, "
+                                                   "e.g. to fit a time-limited job; --resume continues exactly")
     # model
     p.add_argument("--model", default="shapes", choices=sorted(gpt.PRESETS), help="GPT size preset")
     p.add_argument("--dropout", type=float)
@@ -355,9 +357,10 @@ def main(args):
     # training loop
     out.mkdir(parents=True, exist_ok=True)
     model.train()
-    t0, history = time.time(), []
-    while step < args.max_steps:
-        if args.eval_interval and step % args.eval_interval == 0 and step > 0 and master:
+    t0, t_step, history = time.time(), step, []
+    stop = min(args.max_steps, step + args.stop_after) if args.stop_after else args.max_steps
+    while step < stop:
+        if args.eval_interval and step % args.eval_interval == 0 and master:
             losses = estimate_loss()
             history.append((step, losses))
             print(f"step {step} | train {losses['train']:.4f} | val {losses['val']:.4f} | "
@@ -367,7 +370,7 @@ def main(args):
         if args.sample_interval and step % args.sample_interval == 0 and step > 0 and master:
             sample_grid()
         if step % args.log_interval == 0:
-            t0 = time.time()  # evals, checkpoints and grids do not count in the step time
+            t0, t_step = time.time(), step  # evals, checkpoints and grids do not count in the step time
         lr = get_lr(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -398,8 +401,8 @@ def main(args):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        if master and (step % args.log_interval == 0 or step == args.max_steps):
-            dt = (time.time() - t0) / args.log_interval
+        if master and (step % args.log_interval == 0 or step == stop):
+            dt = (time.time() - t0) / (step - t_step)
             tok_s = args.batch_size * args.grad_accum * cfg.block_size / dt
             mfu = gpt.estimate_mfu(fpt, tok_s, device)
             print(f"step {step} | loss {loss_sum.item():.4f}" + (f" | emb {emb_sum:.4f}" if args.lambda_emb else "")
