@@ -11,6 +11,7 @@ written as PNGs, and drawn into one labelled grid. `--image` swaps the text embe
 evaluate.py imports load_models, text_embeddings, image_embeddings and generate from here.
 """
 import argparse
+import hashlib
 import re
 import sys
 import warnings
@@ -50,6 +51,14 @@ def find_checkpoint(kind, path):
     raise FileNotFoundError(f"{kind} checkpoint {path} not found: make it with {maker}, or pass --{kind} PATH")
 
 
+def fingerprint(path):
+    """sha256 of a checkpoint file, as train_gpt.py records it; an OpenAI model name stays itself."""
+    if not Path(path).is_file():
+        return path
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def load_models(clip=SHIPPED["clip"], vqgan=SHIPPED["vqgan"], gpt=SHIPPED["gpt"], device="cpu", dtype=None):
     """Load CLIP, VQGAN and GPT and refuse a combination the GPT was not trained for."""
     paths = {k: find_checkpoint(k, p) for k, p in (("clip", clip), ("vqgan", vqgan), ("gpt", gpt))}
@@ -66,11 +75,14 @@ def load_models(clip=SHIPPED["clip"], vqgan=SHIPPED["vqgan"], gpt=SHIPPED["gpt"]
         problems.append(f"the GPT makes {c.block_size} tokens per image but the VQGAN's grid is {grid}x{grid}")
     if c.cond_dim != clip_model.embed_dim:
         problems.append(f"the GPT is conditioned on {c.cond_dim}-d embeddings but this CLIP's are {clip_model.embed_dim}-d")
-    # train_gpt.py records what made its training tokens; a different CLIP of the same size is still the wrong one
-    meta = torch.load(paths["gpt"], map_location="cpu", weights_only=True, mmap=True).get("meta", {})
-    for key, got in (("clip", clip), ("vqgan_n_embed", v.n_embed), ("clip_embed_dim", clip_model.embed_dim)):
-        if key in meta and str(meta[key]) != str(got) and not (key == "clip" and Path(str(got)).name == Path(str(meta[key])).name):
-            problems.append(f"the GPT was trained with {key} = {meta[key]}, not {got}")
+    # train_gpt.py records the exact CLIP and VQGAN files that made its training tokens (sha256, or an OpenAI name):
+    # another CLIP of the same width, or another VQGAN with as many codes, fits the shapes but not the meaning
+    meta = torch.load(paths["gpt"], map_location="cpu", weights_only=True, mmap=True).get("data_meta") or {}
+    for kind in ("clip", "vqgan"):
+        want = meta.get(f"{kind}_sha256")
+        if want and fingerprint(paths[kind]) != want:
+            problems.append(f"its training tokens were made with {kind} {meta.get(kind)} (sha256 {want[:12]}...), "
+                            f"not with this file")
     if problems:
         raise ValueError(f"{paths['gpt']} does not fit --clip {clip} / --vqgan {vqgan}: " + "; ".join(problems)
                          + ". Pass the CLIP and VQGAN the GPT was trained with (train_gpt.py prepare records them)")

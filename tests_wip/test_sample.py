@@ -15,9 +15,9 @@ import sample  # noqa: E402
 import vqgan  # noqa: E402
 
 
-def tiny_checkpoints(folder, cond_dim=8, vocab=64, tokens=64):
+def tiny_checkpoints(folder, cond_dim=8, vocab=64, tokens=64, seed=0):
     """A random ViT CLIP (8-d joint space), the 'tiny' VQGAN (32 px, 8x8 grid, 64 codes) and a GPT that fits them."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     c = clip.CLIP(clip.Config(embed_dim=cond_dim, image_resolution=32, vision_layers=1, vision_width=16,
                               vision_patch_size=8, transformer_width=16, transformer_layers=1))
     v = vqgan.VQGAN(vqgan.Config(**vqgan.PRESETS["tiny"]))
@@ -135,6 +135,19 @@ def test_mismatched_checkpoints_are_refused(ckpts, tmp_path, kw, message):
     other = tiny_checkpoints(tmp_path, **kw)
     with pytest.raises(ValueError, match=message):
         sample.load_models(ckpts["clip"], ckpts["vqgan"], other["gpt"])
+
+
+def test_gpt_trained_with_another_vqgan_file_is_refused(ckpts, tmp_path):
+    # same sizes, different weights: only the sha256 that train_gpt.py records in data_meta can tell
+    other = tiny_checkpoints(tmp_path, seed=1)
+    for name, vq_file in (("ok", ckpts["vqgan"]), ("bad", other["vqgan"])):
+        ck = torch.load(ckpts["gpt"], weights_only=True)
+        ck["data_meta"] = {"vqgan": vq_file, "vqgan_sha256": sample.fingerprint(vq_file),
+                           "clip": ckpts["clip"], "clip_sha256": sample.fingerprint(ckpts["clip"])}
+        torch.save(ck, tmp_path / f"gpt_{name}.pt")
+    sample.load_models(ckpts["clip"], ckpts["vqgan"], str(tmp_path / "gpt_ok.pt"))
+    with pytest.raises(ValueError, match="tokens were made with vqgan"):
+        sample.load_models(ckpts["clip"], ckpts["vqgan"], str(tmp_path / "gpt_bad.pt"))
 
 
 @pytest.mark.skipif(not all((ROOT / p).is_file() for p in sample.SHIPPED.values()),
