@@ -33,7 +33,7 @@ class Config:
     beta: float = 0.25                # commitment weight
     legacy: bool = True               # taming's beta placement (beta on the codebook term); public weights used it
     l2_norm: bool = False             # cosine lookup on l2-normalised codes (ViT-VQGAN): fights dead codes
-    restart_every: int = 0            # >0: every this many training forwards, re-seed dead codes with encoder outputs
+    restart_every: int = 0            # >0: the trainer re-seeds dead codes with encoder outputs every this many steps
     restart_threshold: float = 0.03   # a code is dead when its EMA usage count per batch falls below this
 
     @property
@@ -47,7 +47,7 @@ PRESETS = {
     "f16-1024": dict(n_embed=1024),
     # shapes world, 64 px -> 8x8 = 64 tokens (the GPT must model h*w tokens on a CPU). Small widths, attention only
     # in the mid block; 512 l2-normalised 16-d codes with restarts keep the codebook alive in a few minutes of CPU.
-    "shapes": dict(resolution=64, ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+    "shapes": dict(resolution=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(),
                    z_channels=64, n_embed=512, embed_dim=16, legacy=False, l2_norm=True, restart_every=20),
     # the smallest thing that exercises every code path (attention at 8 px included), for tests
     "tiny": dict(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
@@ -201,7 +201,7 @@ class VectorQuantizer(nn.Module):
         # EMA of how often each code is picked per batch; not persistent (taming files have no buffers), the
         # trainer saves it beside the model for exact resume
         self.register_buffer("usage", torch.ones(cfg.n_embed), persistent=False)
-        self.forwards = 0
+        self.recent = None
 
     def codebook(self):
         e = self.embedding.weight.float()
@@ -226,30 +226,35 @@ class VectorQuantizer(nn.Module):
             # legacy (taming's shipped bug): commitment weight 1, codebook weight beta; else VQ-VAE's convention
             loss = commit + self.cfg.beta * codebook if self.cfg.legacy else self.cfg.beta * commit + codebook
             if self.training and self.cfg.restart_every:
-                self._restart_dead(z.detach(), idx)
+                counts = torch.bincount(idx, minlength=self.cfg.n_embed).float()
+                self.usage.mul_(0.99).add_(counts, alpha=0.01)
+                self.recent = z.detach()  # candidates for restart_dead_codes(), called after the optimizer step
             z_q = z + (z_q - z).detach()  # straight-through: forward = codes, backward = identity to the encoder
         # contiguous NCHW, as taming: a channels-last view makes the next conv take another kernel (~1e-5 apart)
         return z_q.view(B, h, w, D).permute(0, 3, 1, 2).contiguous(), loss, idx.view(B, h, w)
 
     @torch.no_grad()
-    def _restart_dead(self, z, idx):
-        """Dead-code restart (Jukebox / SoundStream): codes rarely picked are moved onto random encoder outputs."""
-        counts = torch.bincount(idx, minlength=self.cfg.n_embed).float()
-        self.usage.mul_(0.99).add_(counts, alpha=0.01)
-        self.forwards += 1
-        if self.forwards % self.cfg.restart_every:
-            return
+    def restart_dead_codes(self, generator=None):
+        """Dead-code restart (Jukebox, SoundStream): codes whose EMA use per batch fell below the threshold are moved
+        onto random encoder outputs of the last batch. Call between optimizer steps (never inside a forward)."""
+        if getattr(self, "recent", None) is None:
+            return 0
         dead = (self.usage < self.cfg.restart_threshold).nonzero().squeeze(1)
         if len(dead):
-            pick = torch.randint(0, len(z), (len(dead),), device=z.device)
-            self.embedding.weight.data[dead] = z[pick].to(self.embedding.weight.dtype)
-            self.usage[dead] = 1.0  # give them time to be picked before they count as dead again
+            pick = torch.randint(0, len(self.recent), (len(dead),), generator=generator).to(self.recent.device)
+            self.embedding.weight.data[dead] = self.recent[pick].to(self.embedding.weight.dtype)
+            self.usage[dead] = 1.0  # give them time to be picked before they can count as dead again
+        self.recent = None
+        return len(dead)
 
 
 def codebook_usage(indices, n_embed):
     """Fraction of the codebook used by `indices` (any shape) and the perplexity of their histogram."""
-    p = torch.bincount(indices.flatten(), minlength=n_embed).double()
-    p = p / p.sum()
+    return usage_from_counts(torch.bincount(indices.flatten(), minlength=n_embed))
+
+
+def usage_from_counts(counts):
+    p = counts.double() / counts.sum().clamp(min=1)
     return {"usage": (p > 0).float().mean().item(), "perplexity": math.exp(-(p * (p + 1e-12).log()).sum().item())}
 
 
