@@ -124,14 +124,15 @@ def check_knobs(n=1, candidates=1, temperature=1.0, top_k=None, top_p=None, cfg=
 
 
 @torch.no_grad()
-def generate(models, cond, n=1, candidates=1, texts_for_ranking=None, temperature=1.0, top_k=None, top_p=None,
+def generate(models, cond, n=1, candidates=None, texts_for_ranking=None, temperature=1.0, top_k=None, top_p=None,
              cfg=1.0, seed=0, batch_size=16, as_float=False, progress=False):
     """
-    cond (N, D): CLIP embeddings (text or image) -> for each row, `candidates` samples ranked by CLIP cosine
+    cond (N, D): CLIP embeddings (text or image) -> for each row, max(candidates, n) samples ranked by CLIP cosine
     to `texts_for_ranking` (N prompts, or an (N, D) embedding; default: cond itself); the best n are kept.
     Returns images uint8 (N, n, H, W, 3) (or float in [0, 1] (N, n, 3, H, W) with as_float) and scores (N, n),
     best first. The same seed and batch_size give the same images.
     """
+    candidates = max(candidates or n, n)  # fewer candidates than kept images: no choice to make, sample n
     check_knobs(n, candidates, temperature, top_k, top_p, cfg, batch_size)
     device = models.gpt.head.weight.device
     if texts_for_ranking is None:

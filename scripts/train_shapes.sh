@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Reproduce the shipped shapes-world checkpoints, checkpoints/shapes/{clip,vqgan,gpt}.pt, from nothing.
+# Budget: <= 30 minutes on 2 CPU cores, <= 30 MB of checkpoints (fp16 weights).
+#
+#   scripts/train_shapes.sh           # the real run: CLIP -> VQGAN -> GPT (prepare + train) -> fp16 -> evaluation
+#   scripts/train_shapes.sh --quick   # a few steps per stage into out/shapes_quick/: checks the chain in ~2 minutes
+#
+# Stage 1  train_clip.py   shapes images + captions -> a small CLIP (the only stage that reads captions)
+# Stage 2  train_vqgan.py  shapes images -> the f8 tokenizer: 64 px <-> 8x8 tokens
+# Stage 3  train_gpt.py    encode 20k images once with the *shipped* CLIP and VQGAN files (tokens.npy, clip_emb.npy),
+#                          then learn p(tokens | CLIP image embedding): language-free, as in the paper
+# Stage 4  evaluate.py     shapes accuracy of text-prompted samples (every colour x shape prompt, 8 images each)
+# Working files (logs, resumable checkpoints, token files) go to $OUT; the shipped files to $DEST.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+QUICK=0
+if [[ "${1:-}" == "--quick" ]]; then QUICK=1; elif [[ $# -gt 0 ]]; then echo "usage: $0 [--quick]" >&2; exit 2; fi
+if (( QUICK )); then OUT=${OUT:-out/shapes_quick}; DEST=${DEST:-out/shapes_quick/checkpoints}
+else OUT=${OUT:-out/shapes}; DEST=${DEST:-checkpoints/shapes}; fi
+# a fresh start: the token files must come from this run's VQGAN and CLIP (train_gpt.py refuses stale ones anyway)
+rm -rf "$OUT/clip" "$OUT/vqgan" "$OUT/gpt"
+mkdir -p "$OUT" "$DEST"
+# --quick: tiny step counts, only to prove that every stage runs and hands the next one what it needs
+if (( QUICK )); then
+  CLIP_QUICK=(--max-steps 4 --batch-size 32 --eval-n 96)
+  VQGAN_QUICK=(--max-steps 4 --eval-interval 2 --eval-images 16 --log-interval 1 --no-bar)
+  GPT_QUICK=(--n-images 256 --max-steps 6 --warmup 1 --eval-interval 3 --eval-iters 1 --log-interval 2 --sample-interval 3)
+  EVAL_QUICK=(--n 1)
+else
+  CLIP_QUICK=(); VQGAN_QUICK=(); GPT_QUICK=(); EVAL_QUICK=()
+fi
+
+stage() {  # stage NAME COMMAND...: run it, keep its output in $OUT/NAME.log, report the wall time
+  local name=$1; shift
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$OUT/$name.log"
+  echo "== $name: done in $((SECONDS - t0)) s (total $SECONDS s)"
+}
+
+# What ships: fp16 weights without optimizer / RNG state. train_clip.py --export and train_vqgan.py write such files
+# themselves, before the GPT's token files are made, so the GPT learns from exactly the shipped CLIP and VQGAN
+# (train_gpt.py records their sha256; sample.py checks it). The GPT checkpoint is slimmed here.
+half() {  # half SRC DST KEY...: keep {"model" (fp16), "config", "step"} and the listed extra keys
+  python - "$@" <<'PY'
+import sys, torch
+sys.path.insert(0, ".")
+import data
+src, dst, *keep = sys.argv[1:]
+ck = torch.load(src, map_location="cpu", weights_only=True)
+sd = {k: v.half() if v.is_floating_point() else v for k, v in ck["model"].items()}
+# fp16 keeps ~3 significant digits; report the worst relative change so a lossy cast would be seen
+err = max(((v.float() - ck["model"][k].float()).norm() / ck["model"][k].float().norm().clamp(min=1e-12)).item()
+          for k, v in sd.items() if v.is_floating_point())
+data.save_atomic({"model": sd, "config": ck["config"], "step": ck.get("step", 0), **{k: ck[k] for k in keep if k in ck}}, dst)
+print(f"{src} -> {dst}: fp16, worst relative weight change {err:.1e}")
+PY
+}
+
+stage clip python train_clip.py --preset shapes --out-dir "$OUT/clip" --export "$DEST/clip.pt" "${CLIP_QUICK[@]}"
+stage vqgan python train_vqgan.py --data shapes --preset shapes --out "$OUT/vqgan" "${VQGAN_QUICK[@]}"
+cp "$OUT/vqgan/vqgan.pt" "$DEST/vqgan.pt"  # train_vqgan.py's model-only fp16 file
+stage gpt python train_gpt.py --preset shapes --vqgan "$DEST/vqgan.pt" --clip "$DEST/clip.pt" --out "$OUT/gpt" \
+  "${GPT_QUICK[@]}"
+half "$OUT/gpt/ckpt.pt" "$DEST/gpt.pt" data_meta
+ls -l "$DEST"
+du -ch "$DEST"/*.pt | tail -1
+stage eval python evaluate.py shapes --clip "$DEST/clip.pt" --vqgan "$DEST/vqgan.pt" --gpt "$DEST/gpt.pt" \
+  "${EVAL_QUICK[@]}"
+echo "== all stages done in $SECONDS s; try: python sample.py \"a red circle on a blue background\"" \
+  "--clip $DEST/clip.pt --vqgan $DEST/vqgan.pt --gpt $DEST/gpt.pt"
