@@ -167,7 +167,7 @@ class GPT(nn.Module):
         L = x.shape[1]
         if pos + L > self.config.block_size:
             raise ValueError(f"sequence of {pos + L} positions exceeds block_size {self.config.block_size}")
-        x = self.drop(x + self.pos_emb(torch.arange(pos, pos + L, device=idx.device)))
+        x = self.drop(x + self.pos_emb.weight[pos:pos + L])                # (B, L, C) + (L, C)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i], pos)
         return self.ln_f(x)
@@ -219,19 +219,19 @@ class GPT(nn.Module):
             if prefix.shape[0] != B or P > T:
                 raise ValueError(f"prefix must be (B={B}, P<={T}) tokens, got {tuple(prefix.shape)}")
             tokens[:, :P] = prefix
-        n = 2 if guided else 1
+        rep = (lambda t: t.repeat(2, 1)) if guided else (lambda t: t)       # both branches see the same tokens
         caches = [KVCache() for _ in self.blocks] if use_cache else None
         for cache in caches or []:
             cache.size = T
         for i in range(P, T):
             if not use_cache:
-                h = self.hidden(tokens[:, :i].repeat(n, 1), c, drop)[:, -1]           # full recomputation
+                h = self.hidden(rep(tokens[:, :i]), c, drop)[:, -1]                   # full recomputation
             elif i == P:
-                h = self.hidden(tokens[:, :i].repeat(n, 1), c, drop, caches, 0)[:, -1]  # prefill [cond, prefix]
+                h = self.hidden(rep(tokens[:, :i]), c, drop, caches, 0)[:, -1]        # prefill [cond, prefix]
             else:
                 # feed t_{i-1} at sequence position i (position 0 is the prefix token)
-                h = self.hidden(tokens[:, i - 1:i].repeat(n, 1), c, drop, caches, i)[:, -1]
-            logits = self.head(h).float()                                          # (n*B, V)
+                h = self.hidden(rep(tokens[:, i - 1:i]), c, drop, caches, i)[:, -1]
+            logits = self.head(h).float()                                          # (B or 2B, V)
             if guided:
                 lc, lu = logits[:B], logits[B:]
                 logits = lu + cfg_scale * (lc - lu)
