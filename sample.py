@@ -5,17 +5,16 @@ Text (or an image) -> images with CLIP-GEN (Wang et al. 2022, arXiv 2203.00386, 
     python sample.py "oil painting of a dog" --clip ViT-B/32 --vqgan vqgan.ckpt --gpt out/gpt/ckpt.pt --candidates 64
 
 One prompt, end to end: CLIP's text tower embeds it (1, D) -> the GPT samples `candidates` token grids (C, h*w),
-conditioned on that embedding exactly where it saw CLIP *image* embeddings in training -> the VQGAN decoder paints
-them (C, 3, H, W) -> CLIP's image tower scores every picture against the prompt (cosine) -> the best `n` are kept,
-written as PNGs, and drawn into one labelled grid. `--image` swaps the text embedding for an image's (variations).
+conditioned on that embedding where training showed it CLIP *image* embeddings -> the VQGAN decoder paints them
+(C, 3, H, W) -> CLIP's image tower scores each against the prompt (cosine) -> the best `n` are kept, written as PNGs
+and drawn into one labelled grid. `--image` conditions on an image's embedding instead (variations).
 evaluate.py imports load_models, text_embeddings, image_embeddings and generate from here.
 """
 import argparse
 import hashlib
 import re
-import sys
 import warnings
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -28,16 +27,12 @@ from gpt import GPT
 from vqgan import VQGAN
 
 ROOT = Path(__file__).resolve().parent
-SHIPPED = {"clip": "checkpoints/shapes/clip.pt", "vqgan": "checkpoints/shapes/vqgan.pt", "gpt": "checkpoints/shapes/gpt.pt"}
-MAKER = {"clip": "train_clip.py", "vqgan": "train_vqgan.py", "gpt": "train_gpt.py"}
+SHIPPED = {k: f"checkpoints/shapes/{k}.pt" for k in ("clip", "vqgan", "gpt")}  # made by scripts/train_shapes.sh
 
 
-@dataclass
-class Models:
-    clip: torch.nn.Module   # frozen CLIP: text tower for prompts, image tower for variations and re-ranking
-    preprocess: object      # PIL image -> (3, R, R) CLIP input
-    vqgan: VQGAN            # tokens (B, h, w) -> pixels
-    gpt: GPT                # CLIP embedding -> tokens (B, h*w)
+# clip: text tower for prompts, image tower for variations and re-ranking; preprocess: PIL -> (3, R, R) CLIP input;
+# vqgan: tokens (B, h, w) -> pixels; gpt: CLIP embedding -> tokens (B, h*w)
+Models = namedtuple("Models", "clip preprocess vqgan gpt")
 
 
 def find_checkpoint(kind, path):
@@ -47,12 +42,11 @@ def find_checkpoint(kind, path):
     for p in (Path(path), ROOT / path):
         if p.is_file():
             return str(p)
-    maker = "scripts/train_shapes.sh" if path == SHIPPED[kind] else MAKER[kind]
+    maker = "scripts/train_shapes.sh" if path == SHIPPED[kind] else f"train_{kind}.py"
     raise FileNotFoundError(f"{kind} checkpoint {path} not found: make it with {maker}, or pass --{kind} PATH")
 
 
-def fingerprint(path):
-    """sha256 of a checkpoint file, as train_gpt.py records it; an OpenAI model name stays itself."""
+def fingerprint(path):  # as train_gpt.py records it: a file's sha256; an OpenAI model name stays itself
     if not Path(path).is_file():
         return path
     with open(path, "rb") as f:
@@ -67,14 +61,14 @@ def load_models(clip=SHIPPED["clip"], vqgan=SHIPPED["vqgan"], gpt=SHIPPED["gpt"]
     vq = VQGAN.from_checkpoint(paths["vqgan"], device=device).to(dtype)
     g = GPT.from_checkpoint(paths["gpt"], device=device).to(dtype)
     c, v = g.config, vq.config
-    grid = v.resolution // 2 ** (len(v.ch_mult) - 1)  # VQGAN tokens per side
+    grid = v.resolution // 2 ** (len(v.ch_mult) - 1)  # VQGAN tokens per side (f = 2**(levels-1))
     problems = []
     if c.vocab_size != v.n_embed:
         problems.append(f"the GPT predicts {c.vocab_size} token ids but the VQGAN's codebook has {v.n_embed} codes")
     if c.block_size != grid * grid:
         problems.append(f"the GPT makes {c.block_size} tokens per image but the VQGAN's grid is {grid}x{grid}")
     if c.cond_dim != clip_model.embed_dim:
-        problems.append(f"the GPT is conditioned on {c.cond_dim}-d embeddings but this CLIP's are {clip_model.embed_dim}-d")
+        problems.append(f"the GPT takes {c.cond_dim}-d conditions, this CLIP makes {clip_model.embed_dim}-d embeddings")
     # train_gpt.py records the exact CLIP and VQGAN files that made its training tokens (sha256, or an OpenAI name):
     # another CLIP of the same width, or another VQGAN with as many codes, fits the shapes but not the meaning
     meta = torch.load(paths["gpt"], map_location="cpu", weights_only=True, mmap=True).get("data_meta") or {}
@@ -135,12 +129,9 @@ def generate(models, cond, n=1, candidates=None, texts_for_ranking=None, tempera
     candidates = max(candidates or n, n)  # fewer candidates than kept images: no choice to make, sample n
     check_knobs(n, candidates, temperature, top_k, top_p, cfg, batch_size)
     device = models.gpt.head.weight.device
-    if texts_for_ranking is None:
-        rank = cond
-    elif isinstance(texts_for_ranking, (list, tuple)):
-        rank = text_embeddings(models, list(texts_for_ranking))
-    else:
-        rank = texts_for_ranking
+    rank = cond if texts_for_ranking is None else texts_for_ranking
+    if isinstance(rank, (list, tuple)):
+        rank = text_embeddings(models, list(rank))
     rows = cond.to(device).repeat_interleave(candidates, 0)                      # (N*C, D): prompt i at i*C .. i*C+C-1
     rank = F.normalize(rank.float().to(device), dim=-1).repeat_interleave(candidates, 0)
     generator = torch.Generator(device).manual_seed(seed)
@@ -169,9 +160,8 @@ def labelled_grid(images, scores, labels, cell=128):
     N, n, H, W, _ = images.shape
     s = max(1, cell // W)  # nearest-neighbour upscale, so 64-px shapes are visible and stay crisp
     w, h, pad, line = W * s, H * s, 4, 12
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    width = max(n * (w + pad) + pad, max(int(measure.textlength(t)) for t in labels) + 2 * pad)
-    grid = Image.new("RGB", (width, N * (line + h + line + pad) + pad), "white")
+    text_w = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t)) for t in labels)
+    grid = Image.new("RGB", (max(n * (w + pad), text_w + pad) + pad, N * (line + h + line + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
     for i in range(N):
         y = pad + i * (line + h + line + pad)
@@ -183,40 +173,40 @@ def labelled_grid(images, scores, labels, cell=128):
     return grid
 
 
+def read_image(path):
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # missing, not an image, truncated: PIL raises many types
+        raise ValueError(f"cannot read --image {path}: {type(e).__name__}: {e}") from None
+
+
 def main(args):
     check_knobs(args.n, args.candidates, args.temperature, args.top_k, args.top_p, args.cfg, args.batch_size)
     prompts = list(args.prompt)
     if args.prompts:
         prompts += [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()]
-    pictures = []
-    for path in args.image or []:
-        try:
-            with Image.open(path) as im:
-                pictures.append(im.convert("RGB"))
-        except Exception as e:  # missing, not an image, truncated: PIL raises many types
-            raise ValueError(f"cannot read --image {path}: {type(e).__name__}: {e}") from None
+    pictures = [read_image(path) for path in args.image or []]
     if not prompts and not pictures:
         raise ValueError("nothing to draw: give a prompt, --prompts FILE or --image PATH")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else None)
     models = load_models(args.clip, args.vqgan, args.gpt, device=device, dtype=dtype)
-    conds = [text_embeddings(models, prompts)] if prompts else []
-    conds += [image_embeddings(models, pictures)] if pictures else []
+    cond = torch.cat(([text_embeddings(models, prompts)] if prompts else [])
+                     + ([image_embeddings(models, pictures)] if pictures else []))
     labels = prompts + [f"variations of {Path(p).name}" for p in args.image or []]
-    images, scores = generate(models, torch.cat(conds), n=args.n, candidates=args.candidates,
+    images, scores = generate(models, cond, n=args.n, candidates=args.candidates,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg=args.cfg,
                               seed=args.seed, batch_size=args.batch_size, progress=True)
-    out = Path(args.out)
+    out, paths = Path(args.out), []
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
     for i, label in enumerate(labels):
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:60] or "prompt"
         for k in range(args.n):
             paths.append(out / f"{i:03d}-{slug}-{k}.png")
             Image.fromarray(images[i, k].numpy()).save(paths[-1])
             print(f"{paths[-1]}  clip score {scores[i, k]:.3f}")
-    grid = out / "grid.png"
-    labelled_grid(images, scores, labels).save(grid)
+    labelled_grid(images, scores, labels).save(grid := out / "grid.png")
     print(f"{grid}  ({len(labels)} rows x {args.n}, best of {args.candidates} by CLIP score)")
     return paths, scores
 
@@ -226,8 +216,7 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompt", nargs="*", help="one or more text prompts")
     p.add_argument("--prompts", help="a text file with one prompt per line")
-    p.add_argument("--image", action="append", help="image variations: condition on this image's CLIP embedding "
-                                                    "(repeatable)")
+    p.add_argument("--image", action="append", help="variations of this image (its CLIP embedding); repeatable")
     p.add_argument("--clip", default=SHIPPED["clip"], help=f"CLIP: one of {clip_lib.available_models()} or a path")
     p.add_argument("--vqgan", default=SHIPPED["vqgan"], help="VQGAN checkpoint (ours or taming's .ckpt)")
     p.add_argument("--gpt", default=SHIPPED["gpt"], help="GPT checkpoint from train_gpt.py")
@@ -240,8 +229,7 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="candidates sampled at once")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="model precision (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, else fp32")
     p.add_argument("--out", default="out/samples", help="output folder for the PNGs and grid.png")
     return p
 

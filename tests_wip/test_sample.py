@@ -130,7 +130,7 @@ def test_missing_checkpoint_names_its_maker(ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("kw, message", [(dict(vocab=32), "codebook"), (dict(tokens=16), "grid"),
-                                         (dict(cond_dim=16), "-d embeddings")])
+                                         (dict(cond_dim=16), "-d conditions")])
 def test_mismatched_checkpoints_are_refused(ckpts, tmp_path, kw, message):
     other = tiny_checkpoints(tmp_path, **kw)
     with pytest.raises(ValueError, match=message):
