@@ -205,7 +205,7 @@ def test_lambda_emb_gradients_reach_only_the_gpt(prepared):
     assert all(p.grad is None and not p.requires_grad for p in clip_model.parameters())
     assert not vqgan.training and not clip_model.training
     # and the training loop runs with it
-    train_gpt.main(train_args(d, d / "lam", "--max-steps", 2, "--lambda-emb", 0.2, "--eval-iters", 1))
+    train_gpt.main(train_args(d, d / "lam", "--max-steps", 2, "--lambda-emb", 0.2, "--emb-rows", 1, "--eval-iters", 1))
 
 
 def test_two_process_ddp_on_cpu(prepared):
