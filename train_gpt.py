@@ -362,6 +362,7 @@ def main(args):
     t0, t_step, history = time.time(), step, []
     stop = min(args.max_steps, step + args.stop_after) if args.stop_after else args.max_steps
     while step < stop:
+        t_pause = time.time()
         if args.eval_interval and step % args.eval_interval == 0 and master:
             losses = estimate_loss()
             history.append((step, losses))
@@ -371,8 +372,7 @@ def main(args):
             save(ckpt_path)
         if args.sample_interval and step % args.sample_interval == 0 and step > 0 and master:
             sample_grid()
-        if step % args.log_interval == 0:
-            t0, t_step = time.time(), step  # evals, checkpoints and grids do not count in the step time
+        t0 += time.time() - t_pause  # evals, checkpoints and grids do not count in the step time
         lr = get_lr(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -411,6 +411,7 @@ def main(args):
             print(f"step {step} | loss {loss_sum.item():.4f}" + (f" | emb {emb_sum:.4f}" if args.lambda_emb else "")
                   + f" | lr {lr:.2e} | {dt * 1000:.0f} ms | {tok_s / 1e3:.1f}k tok/s | mfu "
                   + ("n/a" if mfu is None else f"{100 * mfu:.1f}%"))
+            t0, t_step = time.time(), step
     final = estimate_loss() if master and args.eval_iters else None
     if final:
         history.append((step, final))
