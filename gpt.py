@@ -54,8 +54,8 @@ def make_config(preset, **overrides):
 class KVCache:
     """Static per-layer key/value buffers, (B, n_head, block_size, head_dim), allocated on the first write."""
 
-    def __init__(self):
-        self.k = self.v = None
+    def __init__(self, size):
+        self.size, self.k, self.v = size, None, None
 
     def update(self, k, v, pos):
         # k, v (B, H, L, hd) for positions pos .. pos+L-1 -> all keys/values so far (B, H, pos+L, hd)
@@ -220,9 +220,7 @@ class GPT(nn.Module):
                 raise ValueError(f"prefix must be (B={B}, P<={T}) tokens, got {tuple(prefix.shape)}")
             tokens[:, :P] = prefix
         rep = (lambda t: t.repeat(2, 1)) if guided else (lambda t: t)       # both branches see the same tokens
-        caches = [KVCache() for _ in self.blocks] if use_cache else None
-        for cache in caches or []:
-            cache.size = T
+        caches = [KVCache(T) for _ in self.blocks] if use_cache else None
         for i in range(P, T):
             if not use_cache:
                 h = self.hidden(rep(tokens[:, :i]), c, drop)[:, -1]                   # full recomputation
