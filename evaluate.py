@@ -258,8 +258,9 @@ class InceptionFolder(data.ImageFolder):
 
 
 @torch.no_grad()
-def folder_features(model, root, blur=0, logits=False, batch_size=50, workers=2, device="cpu"):
-    """-> dict(pool (N, 2048) float64, logits (N, 1008) float64 with torch-fidelity's input if asked, n, skipped)."""
+def folder_features(model, root, blur=0, logits=False, batch_size=50, workers=2, device="cpu", pool=True):
+    """-> dict(pool (N, 2048) float64 (pytorch-fid's input), logits (N, 1008) float64 (torch-fidelity's input), n,
+    skipped); each computed only if asked."""
     ds = InceptionFolder(root, blur, fidelity=logits)
     loader = data.make_loader(ds, min(batch_size, len(ds)), train=False, workers=workers)
     pools, outs, skipped = [], [], 0
@@ -267,13 +268,14 @@ def folder_features(model, root, blur=0, logits=False, batch_size=50, workers=2,
         skipped += batch["skipped"]
         if "image" not in batch:
             continue
-        pools.append(model(batch["image"].to(device))[0].double().cpu())
+        if pool:
+            pools.append(model(batch["image"].to(device))[0].double().cpu())
         if logits:
             outs.append(model(batch["fidelity"].to(device))[1].double().cpu())
     if skipped:
         print(f"{root}: skipped {skipped} unreadable image(s) of {len(ds)}")
-    pool = torch.cat(pools).numpy()
-    return dict(pool=pool, logits=torch.cat(outs).numpy() if logits else None, n=len(pool), skipped=skipped)
+    pools, outs = (torch.cat(t).numpy() if t else None for t in (pools, outs))
+    return dict(pool=pools, logits=outs, n=len(ds) - skipped, skipped=skipped)
 
 
 # -----------------------------------------------------------------------------
@@ -423,12 +425,12 @@ def shapes_set(n, seed, g):
     return torch.cat(clean + degraded), torch.tensor([it["shape"] for it in items]).repeat(2)
 
 
-def train_shape_judge(path, n_train=3_000, steps=300, seed=0):
+def train_shape_judge(path, n_train=3_000, steps=300, n_val=1_000, seed=0):
     """Train the shape judge on data.py's procedural images (clean and degraded), save it -> (model, checkpoint)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     x, y = shapes_set(n_train, 7_000_001, g)  # worlds of their own, neither data.py's train nor its val split
-    xv, yv = shapes_set(1_000, 7_000_002, g)
+    xv, yv = shapes_set(n_val, 7_000_002, g)
     model = shape_judge()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps)
