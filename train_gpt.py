@@ -272,6 +272,8 @@ def main(args):
     cfg = gpt.make_config(args.model, vocab_size=meta["codebook_size"], block_size=meta["grid"][0] * meta["grid"][1],
                           cond_dim=meta["clip_dim"], dropout=args.dropout)
     ckpt_path = out / "ckpt.pt"
+    if args.resume and not ckpt_path.exists():
+        raise SystemExit(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start, or pass the --out it used")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if args.resume else None
     if ckpt is not None:
         cfg = gpt.Config(**ckpt["config"])
