@@ -140,7 +140,7 @@ def main(args):
                          ckpt_path)
 
     losses, t0 = [], time.time()
-    while step < args.max_steps:
+    while step < args.max_steps and not (args.stop_after and step >= args.stop_after):
         model.train()
         images, tokens, ids = get_batch(train_set, step, args, token_of, caption_id)
         lr = get_lr(step, args)
@@ -191,7 +191,9 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's choice); 1 is much faster on a CPU shared with other jobs")
-    p.add_argument("--ckpt-interval", type=int, default=100)
+    p.add_argument("--ckpt-interval", type=int, default=100, help="0: only at the end")
+    p.add_argument("--stop-after", type=int, default=0, help="stop (and save) at this step, keeping the schedule of "
+                   "--max-steps: an interrupted run, for tests of --resume")
     # preset values, overridable one by one
     p.add_argument("--resolution", type=int, help="CLIP input size (multiple of 32); images are rendered at 64")
     p.add_argument("--vision-layers", type=int, nargs=4, help="bottlenecks per ResNet stage")

@@ -283,3 +283,17 @@ def test_train_clip_lowers_loss_and_loads(tmp_path):
     with torch.no_grad():  # the exported fp16 file is the trained model up to fp16 rounding
         assert torch.allclose(model.encode_image(image), trained.encode_image(image), atol=2e-2)
         assert torch.allclose(model.encode_text(tokens), trained.encode_text(tokens), atol=2e-2)
+
+
+def test_train_clip_resume_is_exact(tmp_path):
+    import train_clip
+    common = ["--preset", "tiny", "--eval-n", "8", "--threads", "1", "--ckpt-interval", "0", "--batch-size", "16"]
+    full = train_clip.main(train_clip.get_args(common + ["--out-dir", str(tmp_path / "a"), "--max-steps", "4"]))
+    train_clip.main(train_clip.get_args(common + ["--out-dir", str(tmp_path / "b"), "--max-steps", "4",
+                                                  "--stop-after", "2"]))
+    resumed = train_clip.main(train_clip.get_args(common + ["--out-dir", str(tmp_path / "b"), "--max-steps", "4",
+                                                            "--resume"]))
+    assert resumed["losses"] == full["losses"][2:]
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
