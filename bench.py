@@ -77,6 +77,7 @@ class Bench:
         self.reduced = not self.cuda and not args.quick  # label CPU rows whose sizes differ from the GPU ones
         self.dtype = "bf16-amp" if self.cuda else "fp32"
         self.args, self.rows = args, []
+        self.wall_times, self.cpu_times = [], []  # of the last b.time() call, stored with each figure in the JSON
 
     def amp(self):
         # bf16 autocast on CUDA; CPU stays fp32 (bf16 on this CPU class is emulated and slower)
@@ -90,22 +91,25 @@ class Bench:
         """Seconds of each timed call of fn() after `warmup` untimed ones."""
         for _ in range(self.sz["warmup"] if warmup is None else warmup):
             fn()
-        times = []
+        times, self.cpu_times = [], []
+        self.wall_times = times
         for _ in range(self.sz["reps"] if reps is None else reps):
             self.sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             self.sync()
             times.append(time.perf_counter() - t0)
+            # process CPU seconds (all threads): on a shared machine, cpu/wall < threads shows time lost to others
+            self.cpu_times.append(time.process_time() - c0)
         return times
 
-    def add(self, stage, what, size, batch, values, unit, reduced=False, note=""):
-        """One figure: values are per-repetition throughputs (or one derived number); None means n/a."""
+    def add(self, stage, what, size, batch, values, unit, reduced=False, note="", timed=True):
+        """One figure: values are per-repetition throughputs (or one derived number, timed=False); None = n/a."""
         vals = [v for v in values if v is not None]
         row = dict(stage=stage, what=what, size=size + (" (cpu-reduced)" if reduced and self.reduced else ""),
                    dtype=self.dtype, batch=batch, median=statistics.median(vals) if vals else None,
                    min=min(vals) if vals else None, max=max(vals) if vals else None, unit=unit, reps=len(vals),
-                   note=note)
+                   note=note, wall_s=self.wall_times if timed else [], cpu_s=self.cpu_times if timed else [])
         self.rows.append(row)
         if self.args.json != "-":
             print(format_row(row), flush=True)
@@ -129,7 +133,7 @@ class Bench:
         else:
             mib, what = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak memory (RSS)"  # KiB on Linux
             what += "" if was_reset else " process, cumulative"
-        self.add(stage, what, "", "", [mib], "MiB")
+        self.add(stage, what, "", "", [mib], "MiB", timed=False)
 
     def conv_format(self, model, x):
         if self.args.channels_last:
@@ -227,7 +231,7 @@ def bench_gpt_sample(b):
                 if not use_cache and (True, B) in rates:
                     same = torch.equal(samples[True, B], samples[False, B])
                     b.add("gpt-sample", "KV-cache speed-up", size, B, [rates[True, B] / rates[False, B]], "x",
-                          reduced=True, note=f"tokens identical: {same}")
+                          reduced=True, note=f"tokens identical: {same}", timed=False)
 
 
 def bench_fid(b):
@@ -286,6 +290,10 @@ def run(args):
         print(f"# {meta['machine']} | torch {meta['torch']} | {meta['threads']} threads | {b.dtype} | "
               f"load average {meta['load_avg']:.1f} | median and min-max of {b.sz['reps']} timed reps after "
               f"{b.sz['warmup']} warm-up")
+        if meta["load_avg"] and meta["load_avg"] > (os.cpu_count() or 1) and not b.cuda:
+            print(f"# WARNING: load average {meta['load_avg']:.1f} > {os.cpu_count()} cores: other jobs share the CPU, "
+                  f"so these figures are low and noisy; with several torch threads each parallel op waits for "
+                  f"descheduled threads (try --threads 1, and compare cpu_s in --json)")
         print(f"{'stage':<10} {'what':<34} {'size':<32} {'dtype':<8} {'batch':>5} {'median':>9} {'min-max':>17} unit")
     t0 = time.perf_counter()
     for stage in STAGES:  # fixed order, whatever order they were asked in
