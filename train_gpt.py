@@ -20,7 +20,6 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import gpt
 
-# Named runs. shapes: 2.5k steps of batch 32 (10.5 GFLOP per step by FlopCounterMode, ~0.25 s on 2 idle cores):
-# ~10 minutes; 192 steps were not enough to become conditional (reference/shapes_world.md). coco / imagenet: the paper's sizes; lr follows HFAiLab's 5e-4 per 256
+# Named runs. shapes: 2.5k steps of batch 32 = 10.5 GFLOP per step (FlopCounterMode), ~0.25 s at an assumed
+# ~40 GFLOP/s of 2 idle cores (not measured on an idle machine): ~10 minutes. 192 steps were not enough to become
+# conditional (reference/shapes_world.md). coco / imagenet: the paper's sizes; lr follows HFAiLab's 5e-4 per 256
 # images of total batch, here for 8 GPUs x 32.
 PRESETS = {
     "tiny": dict(model="tiny", n_images=64, batch_size=8, max_steps=20, warmup=2, lr=3e-3, eval_interval=10,
@@ -48,7 +48,8 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="named run; explicit flags override it")
     # prepare
     p.add_argument("--data", default="shapes", help="'shapes', 'imagenet' or an image folder (see data.py)")
@@ -140,7 +141,8 @@ def prepare(args, data_dir, device):
     vcfg = vqgan.config
     ds = data.get_dataset(args.data, "train", vcfg.resolution, train=False, n=args.n_images)
     want = {"dataset": args.data, "resolution": vcfg.resolution, "n_images": len(ds), "flip": args.flip,
-            "images": image_list_id(ds), "vqgan": str(Path(args.vqgan).resolve()), "vqgan_sha256": fingerprint(args.vqgan),
+            "images": image_list_id(ds), "vqgan": str(Path(args.vqgan).resolve()),
+            "vqgan_sha256": fingerprint(args.vqgan),
             "codebook_size": vcfg.n_embed, "grid": [vcfg.grid, vcfg.grid], "clip": args.clip,
             "clip_sha256": fingerprint(args.clip), "clip_dim": clip_model.embed_dim}
     meta_path = data_dir / "meta.json"
