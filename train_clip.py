@@ -27,7 +27,8 @@ import clip
 import data
 
 PRESETS = {
-    # 2 CPU cores, ~5 min; 32 px input (rendered at 64, resized by preprocess_tensor) keeps a step ~0.5 s
+    # ~5 min on a quiet CPU (0.56 s of CPU time per step on one thread); 32 px input (rendered at 64, resized by
+    # preprocess_tensor). Measured: zero-shot colour 1.00, shape 0.98, caption 0.96 after 500 steps
     "shapes": dict(resolution=32, vision_layers=[1, 1, 1, 1], vision_width=16, embed_dim=128, text_width=64,
                    text_layers=3, batch_size=256, lr=2e-3, weight_decay=0.1, warmup=30, max_steps=500,
                    eval_interval=100, eval_n=1000, log_interval=20),
