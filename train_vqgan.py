@@ -40,9 +40,9 @@ PRESETS = {
     # shapes world: 64 px, f8 -> 8x8 tokens. Perceptual weight 0: the VGG16 weights are not available offline, and flat
     # colours need no texture loss. GAN off (disc_start past the end): L1 already gives sharp flat-colour edges, and D
     # would cost a third more CPU. Usage is kept up by the preset's l2-normalised 16-d codes and dead-code restarts.
-    "shapes": dict(model="shapes", resolution=64, batch_size=16, base_lr=2.5e-5, max_steps=600, disc_start=10**9,
-                   disc_weight=0.75, disc_layers=2, perceptual_weight=0.0, log_interval=20, eval_interval=200,
-                   eval_images=256, workers=0),
+    "shapes": dict(model="shapes", resolution=64, batch_size=8, base_lr=6.25e-5, max_steps=600, disc_start=10**9,
+                   disc_weight=0.75, disc_layers=2, perceptual_weight=0.0, log_interval=20, eval_interval=100,
+                   eval_images=512, workers=0),
 }
 LPIPS_URL = "https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1"  # taming's vgg_lpips (v0.1 lin layers)
 LPIPS_MD5 = "d507d7349b931f0638a25a48a722f98a"                               # = lpips==0.1.4's lpips/weights/v0.1/vgg.pth
@@ -65,6 +65,7 @@ def get_args(argv=None):
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help="default from the preset")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; default base_lr * total batch (taming)")
     p.add_argument("--codebook-weight", type=float, default=1.0)
+    p.add_argument("--restart-every", type=int, default=None, help="dead-code restart period (default: the model's)")
     p.add_argument("--lpips", default=None, help="LPIPS weights: a taming .ckpt (has loss.perceptual_loss.*) or a "
                                                  f"folder with vgg16-397923af.pth and vgg.pth (default {CACHE})")
     p.add_argument("--n-train", type=int, default=None, help="use only this many training images")
@@ -205,6 +206,8 @@ def evaluate(model, dataset, batch_size, device):
     model.eval()
     l1, n, idx = 0.0, 0, []
     for batch in data.make_loader(dataset, batch_size, train=False, workers=0):
+        if "image" not in batch:
+            continue
         x = batch["image"].to(device)
         xrec, _, i = model(x)
         l1 += (xrec.clamp(-1, 1) - x).abs().mean((1, 2, 3)).sum().item()
@@ -236,6 +239,8 @@ def main(args):
         model = vqgan.VQGAN.from_checkpoint(args.init, verbose=master).train()
     else:
         model = vqgan.VQGAN(vqgan.Config(**vqgan.PRESETS[args.model]))
+    if args.restart_every is not None:
+        model.config.restart_every = args.restart_every
     model.to(device)
     disc = Discriminator(args.disc_layers).to(device)
     lpips = get_lpips(args.lpips, device) if args.perceptual_weight > 0 else None
@@ -287,22 +292,20 @@ def main(args):
             epoch, skip = divmod(start, steps_per_epoch)
             perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
             mine = perm[rank::world][skip * args.batch_size: steps_per_epoch * args.batch_size].tolist()
-            loader = data.make_loader(train_set, args.batch_size, train=True, workers=args.workers, sampler=mine)
-            skipped = 0
-            for batch in loader:
-                skipped += batch["skipped"]
-                yield batch
-                start += 1
-            if master and skipped:
-                print(f"epoch {epoch}: skipped {skipped} unreadable images")
+            yield from data.make_loader(train_set, args.batch_size, train=True, workers=args.workers, sampler=mine)
+            start = (epoch + 1) * steps_per_epoch
 
     ckpt_interval = args.ckpt_interval or args.eval_interval
     stop = min(args.max_steps, args.stop_after or args.max_steps)
     bar = tqdm(total=args.max_steps, initial=step, disable=not master or args.no_bar, dynamic_ncols=True, leave=False)
-    acc, counts, t0, seen = {}, torch.zeros(raw_model.config.n_embed, device=device), time.time(), 0
+    acc, counts, t0, seen, skipped = {}, torch.zeros(raw_model.config.n_embed, device=device), time.time(), 0, 0
     it = batches(step)
     while step < stop:
         batch = next(it)
+        skipped += batch["skipped"]
+        if "image" not in batch:  # every file of this batch was unreadable
+            step += 1
+            continue
         x = batch["image"].to(device, non_blocking=True)
         gan_on = step >= args.disc_start  # taming's adopt_weight: 0 before disc_start (D is not trained either)
 
@@ -362,6 +365,9 @@ def main(args):
         counts += torch.bincount(idx.flatten(), minlength=len(counts))
         seen += len(x) * world
         bar.update(1)
+        if step % steps_per_epoch == 0 and skipped:
+            print(f"rank {rank}: epoch {step // steps_per_epoch - 1}: skipped {skipped} unreadable images", flush=True)
+            skipped = 0
         if step % args.log_interval == 0 or step == stop:
             n, dt = step % args.log_interval or args.log_interval, time.time() - t0
             use = vqgan.usage_from_counts(counts)  # over this interval's batches (this rank's)

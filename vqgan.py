@@ -34,7 +34,7 @@ class Config:
     legacy: bool = True               # taming's beta placement (beta on the codebook term); public weights used it
     l2_norm: bool = False             # cosine lookup on l2-normalised codes (ViT-VQGAN): fights dead codes
     restart_every: int = 0            # >0: the trainer re-seeds dead codes with encoder outputs every this many steps
-    restart_threshold: float = 0.03   # a code is dead when its EMA usage count per batch falls below this
+    restart_threshold: float = 0.03   # a code is dead when its usage count per batch (EMA, decay 0.9) is below this
 
     @property
     def grid(self):  # tokens per side for a `resolution` image
@@ -45,10 +45,12 @@ PRESETS = {
     # the paper's tokenizer = taming's vqgan_imagenet_f16_16384: 256 px -> 16x16 tokens, 76.1M parameters
     "f16-16384": dict(),
     "f16-1024": dict(n_embed=1024),
-    # shapes world, 64 px -> 8x8 = 64 tokens (the GPT must model h*w tokens on a CPU). Small widths, attention only
-    # in the mid block; 512 l2-normalised 16-d codes with restarts keep the codebook alive in a few minutes of CPU.
-    "shapes": dict(resolution=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(),
-                   z_channels=64, n_embed=512, embed_dim=16, legacy=False, l2_norm=True, restart_every=20),
+    # shapes world, 64 px -> 8x8 = 64 tokens (the GPT must model h*w tokens on a CPU). The narrowest taming layout
+    # (ch 32 = one GroupNorm group per channel at 64 px; ~24 GFLOP per training step of 8 images), attention only in
+    # the mid block; 512 l2-normalised 16-d codes (ViT-VQGAN's low-dim cosine lookup) with restarts every 10 steps
+    # keep the codebook alive within a few hundred CPU steps. Flat colours need no more width.
+    "shapes": dict(resolution=64, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                   z_channels=64, n_embed=512, embed_dim=16, legacy=False, l2_norm=True, restart_every=10),
     # the smallest thing that exercises every code path (attention at 8 px included), for tests
     "tiny": dict(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
                  z_channels=32, n_embed=64, embed_dim=16),
@@ -200,7 +202,8 @@ class VectorQuantizer(nn.Module):
         self.embedding.weight.data.uniform_(-1.0 / cfg.n_embed, 1.0 / cfg.n_embed)  # taming's (tiny) init
         # EMA of how often each code is picked per batch; not persistent (taming files have no buffers), the
         # trainer saves it beside the model for exact resume
-        self.register_buffer("usage", torch.ones(cfg.n_embed), persistent=False)
+        self.register_buffer("usage", torch.zeros(cfg.n_embed), persistent=False)  # all "dead": the first restart
+        # seeds every unused code from encoder outputs (a data-dependent init)
         self.recent = None
 
     def codebook(self):
@@ -216,7 +219,7 @@ class VectorQuantizer(nn.Module):
     def forward(self, z):
         """z (B, D, h, w) -> (z_q straight-through (B, D, h, w), loss scalar, indices (B, h, w)). Runs in fp32."""
         B, D, h, w = z.shape
-        with torch.autocast(z.device.type, enabled=False):
+        with torch.autocast("cuda" if z.is_cuda else "cpu", enabled=False):
             z = z.float().permute(0, 2, 3, 1).reshape(-1, D)  # (B, D, h, w) -> (B*h*w, D)
             if self.cfg.l2_norm:
                 z = F.normalize(z, dim=1)
@@ -227,7 +230,7 @@ class VectorQuantizer(nn.Module):
             loss = commit + self.cfg.beta * codebook if self.cfg.legacy else self.cfg.beta * commit + codebook
             if self.training and self.cfg.restart_every:
                 counts = torch.bincount(idx, minlength=self.cfg.n_embed).float()
-                self.usage.mul_(0.99).add_(counts, alpha=0.01)
+                self.usage.mul_(0.9).add_(counts, alpha=0.1)  # a code unpicked for ~30 steps falls below 0.03
                 self.recent = z.detach()  # candidates for restart_dead_codes(), called after the optimizer step
             z_q = z + (z_q - z).detach()  # straight-through: forward = codes, backward = identity to the encoder
         # contiguous NCHW, as taming: a channels-last view makes the next conv take another kernel (~1e-5 apart)
@@ -243,7 +246,7 @@ class VectorQuantizer(nn.Module):
         if len(dead):
             pick = torch.randint(0, len(self.recent), (len(dead),), generator=generator).to(self.recent.device)
             self.embedding.weight.data[dead] = self.recent[pick].to(self.embedding.weight.dtype)
-            self.usage[dead] = 1.0  # give them time to be picked before they can count as dead again
+            self.usage[dead] = 0.5  # ~20 steps to be picked before they can count as dead again
         self.recent = None
         return len(dead)
 
@@ -282,12 +285,12 @@ class VQGAN(nn.Module):
         """z (B, embed_dim, h, w) codebook vectors -> image (B, 3, H, W) clamped to [-1, 1]; differentiable."""
         if self.config.l2_norm:
             z = F.normalize(z, dim=1)  # lets raw embedding rows be passed in
-        return self.decoder(self.post_quant_conv(z)).clamp(-1, 1)
+        return self.decoder(self.post_quant_conv(z.contiguous())).clamp(-1, 1)  # NCHW-contiguous: same conv kernels
 
     @torch.no_grad()
     def decode(self, indices):
         """indices (B, h, w) -> image (B, 3, H, W) in [-1, 1]."""
-        z = F.embedding(indices, self.quantize.codebook()).permute(0, 3, 1, 2).contiguous()  # (B,h,w,D) -> (B,D,h,w)
+        z = F.embedding(indices, self.quantize.codebook()).permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
         return self.decode_latent(z.to(self.post_quant_conv.weight.dtype))
 
     @classmethod
