@@ -590,11 +590,11 @@ def get_tokenizer(bpe_path=None):
     return SimpleTokenizer(bpe_path)
 
 
-def tokenize(texts, context_length=77, truncate=False):
+def tokenize(texts, context_length=77, truncate=False, bpe_path=None):
     """str or list of N str -> LongTensor (N, context_length): [start] + BPE ids + [end], right-padded with 0."""
     if isinstance(texts, str):
         texts = [texts]
-    tok = get_tokenizer()
+    tok = get_tokenizer(bpe_path)
     result = torch.zeros(len(texts), context_length, dtype=torch.long)
     for i, text in enumerate(texts):
         ids = [tok.sot] + tok.encode(text) + [tok.eot]

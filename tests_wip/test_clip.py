@@ -58,6 +58,10 @@ def test_tokenize_matches_reference_ids():
 
 def test_tokenize_edge_cases():
     assert clip.tokenize("a cat").shape == (1, 77)
+    explicit = str(ASSETS / "bpe_simple_vocab_16e6.txt.gz")
+    assert torch.equal(clip.tokenize("a photo of a cat.", bpe_path=explicit), clip.tokenize("a photo of a cat."))
+    with pytest.raises(FileNotFoundError, match="nowhere.txt.gz"):
+        clip.tokenize("a", bpe_path="/nowhere.txt.gz")
     assert torch.equal(clip.tokenize(["A PHOTO OF A CAT"]), clip.tokenize(["a photo of a cat"]))
     assert torch.equal(clip.tokenize(["\t\n  \r\n"]), clip.tokenize([""]))
     assert clip.tokenize("1234567890")[0, 1:11].tolist() == clip.tokenize(list("1234567890"))[:, 1].tolist()
