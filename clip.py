@@ -519,14 +519,14 @@ def bytes_to_unicode():
 
 def vocab_path(path=None):
     """The BPE merges file: explicit path, cache dir, <repo>/../shared/assets, else downloaded and verified."""
-    candidates = [path] if path else []
-    candidates += [os.path.join(default_root(), "bpe_simple_vocab_16e6.txt.gz"),
-                   str(Path(__file__).resolve().parent.parent / "shared" / "assets" / "bpe_simple_vocab_16e6.txt.gz")]
-    for p in candidates:
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"BPE vocabulary {path} not found")
+        return path
+    for p in (os.path.join(default_root(), "bpe_simple_vocab_16e6.txt.gz"),
+              str(Path(__file__).resolve().parent.parent / "shared" / "assets" / "bpe_simple_vocab_16e6.txt.gz")):
         if os.path.isfile(p):
             return p
-    if path:
-        raise FileNotFoundError(f"BPE vocabulary {path} not found")
     return download(VOCAB_URL, default_root(), sha256=VOCAB_SHA256)
 
 
