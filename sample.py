@@ -184,8 +184,10 @@ def read_image(path):
 def main(args):
     check_knobs(args.n, args.candidates, args.temperature, args.top_k, args.top_p, args.cfg, args.batch_size)
     prompts = list(args.prompt)
-    if args.prompts:
-        prompts += [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()]
+    if args.prompts:  # one prompt per line; blank lines are skipped
+        if not Path(args.prompts).is_file():
+            raise FileNotFoundError(f"--prompts {args.prompts}: no such file")
+        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     pictures = [read_image(path) for path in args.image or []]
     if not prompts and not pictures:
         raise ValueError("nothing to draw: give a prompt, --prompts FILE or --image PATH")

@@ -67,5 +67,6 @@ ls -l "$DEST"
 du -ch "$DEST"/*.pt | tail -1
 stage eval python evaluate.py shapes --clip "$DEST/clip.pt" --vqgan "$DEST/vqgan.pt" --gpt "$DEST/gpt.pt" \
   "${EVAL_QUICK[@]}"
-echo "== all stages done in $SECONDS s; try: python sample.py \"a red circle on a blue background\"" \
-  "--clip $DEST/clip.pt --vqgan $DEST/vqgan.pt --gpt $DEST/gpt.pt"
+try="python sample.py \"a red circle on a blue background\""
+[[ "$DEST" == checkpoints/shapes ]] || try+=" --clip $DEST/clip.pt --vqgan $DEST/vqgan.pt --gpt $DEST/gpt.pt"
+echo "== all stages done in $SECONDS s; try: $try"

@@ -111,6 +111,11 @@ def test_unreadable_image_file_is_refused(ckpts, tmp_path):
         sample.main(args_for(ckpts, tmp_path, image=[str(tmp_path / "bad.png")]))
 
 
+def test_missing_prompts_file_is_refused(ckpts, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--prompts"):
+        sample.main(args_for(ckpts, tmp_path, prompts=str(tmp_path / "none.txt")))
+
+
 def test_long_prompt_is_truncated_with_a_warning(ckpts, tmp_path):
     with pytest.warns(UserWarning, match="truncated"):
         paths, _ = sample.main(args_for(ckpts, tmp_path, "a red circle " * 40, n=1, candidates=1))
