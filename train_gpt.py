@@ -83,6 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice); 1 is much faster for small "
+                   "models on a CPU shared with other jobs (intra-op threads spin-wait)")
     # the modality gap and guidance
     p.add_argument("--emb-noise", type=float, default=0.0, help="LAFITE xi: e <- normalize(e + xi * unit direction)")
     p.add_argument("--cond-drop", type=float, default=0.1, help="probability of the null condition (trains CFG)")
@@ -234,6 +236,8 @@ def add_emb_noise(e, xi, gen):
 # -----------------------------------------------------------------------------
 
 def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rank, local_rank, world, device = data.setup_distributed()
     device = torch.device(args.device) if args.device else device
     ddp, master = world > 1, rank == 0

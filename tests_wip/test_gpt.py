@@ -160,6 +160,7 @@ def test_prepare_writes_files_and_refuses_a_mismatch(prepared):
 def train_args(d, out, *extra):
     return train_gpt.parse_args(["--preset", "tiny", "--data-dir", str(d / "data"), "--out", str(out),
                                  "--eval-interval", "0", "--sample-interval", "0", "--log-interval", "100",
+                                 "--threads", "1",
                                  *map(str, extra)])
 
 
