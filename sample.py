@@ -228,9 +228,9 @@ def get_parser():
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k likeliest tokens")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed and batch size give the same images")
     p.add_argument("--batch-size", type=int, default=16, help="candidates sampled at once")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ...; default: cuda if available")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, else fp32")
     p.add_argument("--out", default="out/samples", help="output folder for the PNGs and grid.png")
     return p
