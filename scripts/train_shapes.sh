@@ -11,6 +11,8 @@
 #                          then learn p(tokens | CLIP image embedding): language-free, as in the paper
 # Stage 4  evaluate.py     shapes accuracy of text-prompted samples (every colour x shape prompt, 8 images each)
 # Working files (logs, resumable checkpoints, token files) go to $OUT; the shipped files to $DEST.
+# THREADS=1 scripts/train_shapes.sh: one torch thread per stage, much faster when other jobs share the CPU (idle
+# intra-op threads spin-wait); the 30-minute budget is for an otherwise idle 2-core machine and torch's default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 QUICK=0
@@ -20,6 +22,7 @@ else OUT=${OUT:-out/shapes}; DEST=${DEST:-checkpoints/shapes}; fi
 # a fresh start: the token files must come from this run's VQGAN and CLIP (train_gpt.py refuses stale ones anyway)
 rm -rf "$OUT/clip" "$OUT/vqgan" "$OUT/gpt"
 mkdir -p "$OUT" "$DEST"
+if [[ -n "${THREADS:-}" ]]; then export OMP_NUM_THREADS=$THREADS; fi  # torch reads it at start-up, in every stage
 # --quick: tiny step counts, only to prove that every stage runs and hands the next one what it needs
 if (( QUICK )); then
   CLIP_QUICK=(--max-steps 4 --batch-size 32 --eval-n 96)
