@@ -3,7 +3,7 @@
 # Budget: <= 30 minutes on 2 CPU cores, <= 30 MB of checkpoints (fp16 weights).
 #
 #   scripts/train_shapes.sh           # the real run: CLIP -> VQGAN -> GPT (prepare + train) -> fp16 -> evaluation
-#   scripts/train_shapes.sh --quick   # a few steps per stage into out/shapes_quick/: checks the chain in ~2 minutes
+#   scripts/train_shapes.sh --quick   # a few steps per stage into out/shapes_quick/: checks the chain (5-9 min on a busy CPU)
 #
 # Stage 1  train_clip.py   shapes images + captions -> a small CLIP (the only stage that reads captions)
 # Stage 2  train_vqgan.py  shapes images -> the f8 tokenizer: 64 px <-> 8x8 tokens
