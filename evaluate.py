@@ -51,92 +51,83 @@ class BasicConv2d(nn.Module):
         return F.relu(self.bn(self.conv(x)))
 
 
+def add_convs(module, **spec):  # name=(in, out, kernel, stride, padding): torchvision's branch names, for the keys
+    for name, args in spec.items():
+        setattr(module, name, BasicConv2d(*args))
+
+
+def chain(module, x, *names):
+    for name in names:
+        x = getattr(module, name)(x)
+    return x
+
+
 def tf_avg_pool(x):  # TF's average pool ignores the padded zeros (torchvision counts them)
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
-class InceptionA(nn.Module):  # Mixed_5b/5c/5d: in -> 224 + pool_features channels, same size
+class InceptionA(nn.Module):  # Mixed_5b/5c/5d: (in, 35, 35) -> (224 + pool_features, 35, 35)
     def __init__(self, cin, pool_features):
         super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 64, 1)
-        self.branch5x5_1, self.branch5x5_2 = BasicConv2d(cin, 48, 1), BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = BasicConv2d(cin, pool_features, 1)
+        add_convs(self, branch1x1=(cin, 64, 1), branch5x5_1=(cin, 48, 1), branch5x5_2=(48, 64, 5, 1, 2),
+                  branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1), branch3x3dbl_3=(96, 96, 3, 1, 1),
+                  branch_pool=(cin, pool_features, 1))
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+        return torch.cat([self.branch1x1(x), chain(self, x, "branch5x5_1", "branch5x5_2"),
+                          chain(self, x, "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"),
                           self.branch_pool(tf_avg_pool(x))], 1)
 
 
 class InceptionB(nn.Module):  # Mixed_6a: (288, 35, 35) -> (768, 17, 17)
     def __init__(self, cin):
         super().__init__()
-        self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+        add_convs(self, branch3x3=(cin, 384, 3, 2), branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1),
+                  branch3x3dbl_3=(96, 96, 3, 2))
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+        return torch.cat([self.branch3x3(x), chain(self, x, "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"),
                           F.max_pool2d(x, 3, stride=2)], 1)
 
 
-class InceptionC(nn.Module):  # Mixed_6b-6e: factorised 7x7 convolutions, 768 -> 768
+class InceptionC(nn.Module):  # Mixed_6b-6e: factorised 7x7 convolutions, (768, 17, 17) -> same
     def __init__(self, cin, c7):
         super().__init__()
-        self.branch1x1 = BasicConv2d(cin, 192, 1)
-        self.branch7x7_1 = BasicConv2d(cin, c7, 1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(cin, c7, 1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(cin, 192, 1)
+        h, v = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # 1x7 and 7x1 kernels: (kernel, stride, padding)
+        add_convs(self, branch1x1=(cin, 192, 1), branch7x7_1=(cin, c7, 1), branch7x7_2=(c7, c7, *h),
+                  branch7x7_3=(c7, 192, *v), branch7x7dbl_1=(cin, c7, 1), branch7x7dbl_2=(c7, c7, *v),
+                  branch7x7dbl_3=(c7, c7, *h), branch7x7dbl_4=(c7, c7, *v), branch7x7dbl_5=(c7, 192, *h),
+                  branch_pool=(cin, 192, 1))
 
     def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        d7 = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            d7 = conv(d7)
-        return torch.cat([self.branch1x1(x), b7, d7, self.branch_pool(tf_avg_pool(x))], 1)
+        return torch.cat([self.branch1x1(x), chain(self, x, *(f"branch7x7_{i}" for i in (1, 2, 3))),
+                          chain(self, x, *(f"branch7x7dbl_{i}" for i in (1, 2, 3, 4, 5))),
+                          self.branch_pool(tf_avg_pool(x))], 1)
 
 
 class InceptionD(nn.Module):  # Mixed_7a: (768, 17, 17) -> (1280, 8, 8)
     def __init__(self, cin):
         super().__init__()
-        self.branch3x3_1, self.branch3x3_2 = BasicConv2d(cin, 192, 1), BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(cin, 192, 1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+        add_convs(self, branch3x3_1=(cin, 192, 1), branch3x3_2=(192, 320, 3, 2), branch7x7x3_1=(cin, 192, 1),
+                  branch7x7x3_2=(192, 192, (1, 7), 1, (0, 3)), branch7x7x3_3=(192, 192, (7, 1), 1, (3, 0)),
+                  branch7x7x3_4=(192, 192, 3, 2))
 
     def forward(self, x):
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat([chain(self, x, "branch3x3_1", "branch3x3_2"),
+                          chain(self, x, *(f"branch7x7x3_{i}" for i in (1, 2, 3, 4))), F.max_pool2d(x, 3, stride=2)], 1)
 
 
 class InceptionE(nn.Module):  # Mixed_7b (avg pool branch) / Mixed_7c (max pool branch, a quirk of the TF graph)
     def __init__(self, cin, pool):
         super().__init__()
         self.pool = pool
-        self.branch1x1 = BasicConv2d(cin, 320, 1)
-        self.branch3x3_1 = BasicConv2d(cin, 384, 1)
-        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(cin, 448, 1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(cin, 192, 1)
+        h, v = ((1, 3), 1, (0, 1)), ((3, 1), 1, (1, 0))
+        add_convs(self, branch1x1=(cin, 320, 1), branch3x3_1=(cin, 384, 1), branch3x3_2a=(384, 384, *h),
+                  branch3x3_2b=(384, 384, *v), branch3x3dbl_1=(cin, 448, 1), branch3x3dbl_2=(448, 384, 3, 1, 1),
+                  branch3x3dbl_3a=(384, 384, *h), branch3x3dbl_3b=(384, 384, *v), branch_pool=(cin, 192, 1))
 
     def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3, d3 = self.branch3x3_1(x), chain(self, x, "branch3x3dbl_1", "branch3x3dbl_2")
         pool = tf_avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
                           self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3), self.branch_pool(pool)], 1)
@@ -324,12 +315,13 @@ def inception_score(logits, splits=10, shuffle=True, seed=2020):
 
 @torch.no_grad()
 def clip_score(model, preprocess, images, captions, batch_size=64):
-    """100 * max(cos(E_image, E_caption), 0) per pair, for PIL `images` and their `captions` -> (N,) numpy."""
+    """100 * max(cos(E_image, E_caption), 0) per pair, for `images` (PIL or paths) and their `captions` -> (N,)."""
     import clip
     p = next(model.parameters())
+    load = lambda im: Image.open(im).convert("RGB") if isinstance(im, (str, Path)) else im  # paths: one batch in RAM
     out = []
     for i in range(0, len(images), batch_size):
-        x = torch.stack([preprocess(im) for im in images[i:i + batch_size]]).to(p.device, p.dtype)
+        x = torch.stack([preprocess(load(im)) for im in images[i:i + batch_size]]).to(p.device, p.dtype)
         tokens = clip.tokenize(captions[i:i + batch_size], truncate=True).to(p.device)
         cos = F.cosine_similarity(model.encode_image(x).float(), model.encode_text(tokens).float(), dim=-1)
         out.append(100 * cos.clamp(min=0).cpu())
@@ -502,19 +494,17 @@ def set_stats(model, src, blurs, args, logits=False):
     return out, lg, n
 
 
-def fids(model, a, b, args):
-    (sa, _, _), (sb, _, _) = set_stats(model, a, args.blur, args), set_stats(model, b, args.blur, args)
-    return {f"fid{k}": frechet_distance(*sa[k], *sb[k]) for k in args.blur}
+def fids(sa, sb):
+    return {f"fid{k}": frechet_distance(*sa[k], *sb[k]) for k in sa}
 
 
 def generation_settings(args):
     return {k: getattr(args, k) for k in ("candidates", "top_k", "top_p", "temperature", "cfg", "seed")}
 
 
-def generate_images(args, prompts, n):
+def generate_images(models, args, prompts, n):
     """prompts -> uint8 (len(prompts), n, H, W, 3) through sample.py, with the generation settings of `args`."""
     import sample
-    models = sample.load_models(clip=args.clip, vqgan=args.vqgan, gpt=args.gpt, device=args.device)
     emb = sample.text_embeddings(models, prompts)
     images, _ = sample.generate(models, emb, n=n, candidates=args.candidates, texts_for_ranking=emb,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg=args.cfg,
@@ -559,19 +549,23 @@ def main(args):
         print(f"wrote {args.out}: mu, sigma of {n} images for blur radii {args.blur}")
         results["n"] = n
     elif args.cmd == "fid":
-        results.update(fids(model, args.a, args.b, args))
+        results.update(fids(set_stats(model, args.a, args.blur, args)[0], set_stats(model, args.b, args.blur, args)[0]))
     elif args.cmd == "is":
-        _, logits, n = set_stats(model, args.folder, [0], args, logits=True)
-        results["is"], results["is_std"] = inception_score(logits, args.splits)
+        f = folder_features(model, args.folder, 0, True, args.batch_size, args.workers, args.device, pool=False)
+        results["is"], results["is_std"] = inception_score(f["logits"], args.splits)
+        results["n"] = f["n"]
     elif args.cmd == "shapes":
+        settings = generation_settings(args) | {"n_per_prompt": args.n}
+        print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
         pairs = [(c, s) for c in range(len(data.COLORS)) for s in range(len(data.SHAPES))]
-        images = generate_images(args, [data.prompt(c, s) for c, s in pairs], args.n).flatten(0, 1)
+        import sample
+        models = sample.load_models(clip=args.clip, vqgan=args.vqgan, gpt=args.gpt, device=args.device)
+        images = generate_images(models, args, [data.prompt(c, s) for c, s in pairs], args.n).flatten(0, 1)
         judge, ckpt = load_shape_judge(args.judge)
         acc = shapes_accuracy(images, [c for c, _ in pairs for _ in range(args.n)],
                               [s for _, s in pairs for _ in range(args.n)], judge)
         results = {k: acc[k] for k in ("color_acc", "shape_acc", "both_acc", "n")}
         results["judge_val_acc"], results["judge_val_acc_degraded"] = ckpt["val_acc"], ckpt["val_acc_degraded"]
-        settings = generation_settings(args) | {"n_per_prompt": args.n}
     elif args.cmd == "coco":
         captions = read_captions(args.captions, args.count, args.seed)
         settings = generation_settings(args) | {"count": len(captions), "ref_stats": args.ref_stats,
@@ -581,17 +575,22 @@ def main(args):
         folder.mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "captions.txt").write_text("\n".join(captions) + "\n")
         todo = [i for i in range(len(captions)) if not (folder / f"{i:05d}.png").exists()]  # resumable
+        if todo:
+            import sample
+            models = sample.load_models(clip=args.clip, vqgan=args.vqgan, gpt=args.gpt, device=args.device)
         for j in tqdm(range(0, len(todo), args.chunk), desc="generating", file=sys.stderr):
             ids = todo[j:j + args.chunk]
-            for i, im in zip(ids, generate_images(args, [captions[i] for i in ids], 1)[:, 0].numpy()):
+            for i, im in zip(ids, generate_images(models, args, [captions[i] for i in ids], 1)[:, 0].numpy()):
                 Image.fromarray(im).save(folder / f"{i:05d}.png")
-        results.update(fids(model, folder, args.ref_stats, args))
-        _, logits, _ = set_stats(model, folder, [0], args, logits=True)
+        gen, logits, _ = set_stats(model, folder, args.blur, args, logits=True)  # the blur-0 pass also gives logits
+        results.update(fids(gen, set_stats(model, args.ref_stats, args.blur, args)[0]))
+        if logits is None:
+            logits = folder_features(model, folder, 0, True, args.batch_size, args.workers, args.device, False)["logits"]
         results["is"], results["is_std"] = inception_score(logits, args.splits)
         import clip
         cm, pre = clip.load(args.score_clip, device=args.device)
-        pil = [Image.open(folder / f"{i:05d}.png").convert("RGB") for i in range(len(captions))]
-        results["clip_score"] = float(clip_score(cm, pre, pil, captions).mean())
+        results["clip_score"] = float(clip_score(cm, pre, [folder / f"{i:05d}.png" for i in range(len(captions))],
+                                                 captions).mean())
     if args.json:
         print(json.dumps({"command": args.cmd, "results": results, "settings": settings}))
     else:
