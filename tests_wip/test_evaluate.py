@@ -210,3 +210,57 @@ def test_clip_score_ranks_matching_captions_on_the_shapes_clip():
     wrong = [data.prompt((it["color"] + 3) % 8, it["shape"]) for it in items]
     good, bad = evaluate.clip_score(model, preprocess, pil, right), evaluate.clip_score(model, preprocess, pil, wrong)
     assert good.mean() > bad.mean() + 5 and (good > bad).mean() > 0.9
+
+
+class StubSample:
+    """Stands in for sample.py: 'generates' the rendered image of the prompted colour and shape."""
+
+    @staticmethod
+    def load_models(**kw):
+        return "models"
+
+    @staticmethod
+    def text_embeddings(models, prompts):
+        return list(prompts)
+
+    @staticmethod
+    def generate(models, cond, n=1, seed=0, **kw):
+        out = []
+        for i, text in enumerate(cond):
+            words = text.split()
+            color = next((data.COLOR_NAMES.index(w) for w in words if w in data.COLORS), 0)
+            shape = next((data.SHAPES.index(w) for w in words if w in data.SHAPES), 0)
+            a = dict(data.shape_attributes(seed, i), color=color, shape=shape, bg=(color + 1) % 8)
+            out.append([np.asarray(data.render(a, 64))] * n)
+        return np.array(out, dtype=np.uint8), np.zeros((len(cond), n))
+
+
+def test_shapes_command_with_a_stub_generator(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sample", StubSample)
+    evaluate.train_shape_judge(tmp_path / "judge.pt", n_train=64, steps=2, n_val=64)
+    out = evaluate.main(evaluate.parse_args(["shapes", "--n", "2", "--judge", str(tmp_path / "judge.pt")]))
+    assert out["n"] == 96 and out["color_acc"] == 1.0 and 0 <= out["shape_acc"] <= 1
+    assert "temperature=1.0" in capsys.readouterr().out
+
+
+def test_coco_command_with_stubs(weights, tmp_path, monkeypatch, capsys):
+    path, _ = weights
+    monkeypatch.setitem(sys.modules, "sample", StubSample)
+    import clip
+    monkeypatch.setattr(clip, "load", lambda name, device=None: (torch.nn.Linear(1, 1), lambda im: torch.ones(3)))
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(3):
+        data.render(data.shape_attributes(1, i), 32).save(ref / f"{i}.png")
+    (tmp_path / "caps.txt").write_text("a red circle\na blue square\na green star\n")
+    args = evaluate.parse_args(["coco", "--captions", str(tmp_path / "caps.txt"), "--ref-stats", str(ref), "--blur", "0",
+                                "1", "--inception", str(path), "--workers", "0", "--out", str(tmp_path / "o"), "--json"])
+    monkeypatch.setattr(evaluate, "clip_score", lambda m, p, images, caps: np.full(len(images), 30.0))
+    pairs = []  # a 2048x2048 sqrtm costs ~10 s on 2 cores; the distance itself is tested above and cross-checked
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda m1, s1, m2, s2: pairs.append((m1, s2)) or 1.0)
+    out = evaluate.main(args)
+    assert sorted(out) == ["clip_score", "fid0", "fid1", "is", "is_std"] and out["clip_score"] == 30.0
+    assert len(pairs) == 2 and pairs[0][0].shape == (2048,) and pairs[1][1].shape == (2048, 2048)
+    assert len(list((tmp_path / "o" / "images").glob("*.png"))) == 3
+    text = capsys.readouterr().out
+    assert "fewer than the 2048" in text and '"candidates": 1' in text and '"count": 3' in text
