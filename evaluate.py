@@ -373,7 +373,7 @@ def palette_analysis(x):
 
 
 def foreground_map(x, color, bg):
-    """How far each pixel is along the background -> shape colour line, clamped to [0, 1]: (N, 1, JUDGE_RES, R).
+    """How far each pixel is along the background -> shape colour line, clamped to [0, 1]: (N, 1, 64, 64).
     Colour-free, so the shape judge learns geometry only, and graceful under blur and noise."""
     x = F.interpolate(x, size=(JUDGE_RES, JUDGE_RES), mode="bilinear", antialias=True, align_corners=False)
     b, c = PALETTE[bg][:, :, None, None], PALETTE[color.clamp(min=0)][:, :, None, None]  # (N, 3, 1, 1)
