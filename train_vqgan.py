@@ -45,13 +45,14 @@ PRESETS = {
                    eval_images=512, workers=0),
 }
 LPIPS_URL = "https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1"  # taming's vgg_lpips (v0.1 lin layers)
-LPIPS_MD5 = "d507d7349b931f0638a25a48a722f98a"                               # = lpips==0.1.4's lpips/weights/v0.1/vgg.pth
+LPIPS_MD5 = "d507d7349b931f0638a25a48a722f98a"  # = lpips==0.1.4's lpips/weights/v0.1/vgg.pth
 VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"           # torchvision IMAGENET1K_V1; sha256 prefix
 CACHE = Path(os.environ.get("CLIPGEN_CACHE", Path.home() / ".cache" / "clipgen"))
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="shapes", help="'shapes', 'imagenet' or an image folder")
     p.add_argument("--preset", default=None, help="training preset (imagenet | shapes); default: shapes for shapes, "
                                                   "else imagenet")
@@ -161,7 +162,8 @@ def get_lpips(source, device):
             except Exception as e:
                 raise SystemExit(
                     f"LPIPS needs VGG16 + LPIPS weights in {CACHE} (vgg16-397923af.pth from {VGG_URL}; vgg.pth from "
-                    f"`pip download --no-deps lpips==0.1.4`, file lpips/weights/v0.1/vgg.pth) or --lpips a taming .ckpt; "
+                    f"`pip download --no-deps lpips==0.1.4`, file lpips/weights/v0.1/vgg.pth) or --lpips a taming "
+                    f".ckpt; "
                     f"download failed ({type(e).__name__}: {e}). Or train without it: --perceptual-weight 0") from None
         _check(vgg, "sha256", "397923af")
         _check(lin, "md5", LPIPS_MD5)
@@ -271,7 +273,8 @@ def main(args):
     if master:
         args.out.mkdir(parents=True, exist_ok=True)
         print(f"vqgan {args.model}: {n_params / 1e6:.2f}M params, {raw_model.config.grid}x{raw_model.config.grid} "
-              f"tokens, codebook {raw_model.config.n_embed} | {len(train_set)} images, batch {args.batch_size}x{world}, "
+              f"tokens, codebook {raw_model.config.n_embed} | {len(train_set)} images, "
+              f"batch {args.batch_size}x{world}, "
               f"lr {lr:.2e} | {device}{' ' + str(amp_dtype) if use_amp else ''}")
 
     def checkpoint(path):
@@ -373,7 +376,8 @@ def main(args):
             use = vqgan.usage_from_counts(counts)  # over this interval's batches (this rank's)
             if master:
                 line = (f"step {step} | loss {acc['loss'] / n:.4f} | rec {acc['rec'] / n:.4f} | p {acc['p'] / n:.4f} | "
-                        f"q {acc['q'] / n:.4f} | g {acc['g'] / n:.3f} | d {acc['d'] / n:.3f} | dw {acc['dw'] / n:.3g} | "
+                        f"q {acc['q'] / n:.4f} | g {acc['g'] / n:.3f} | d {acc['d'] / n:.3f} | "
+                        f"dw {acc['dw'] / n:.3g} | "
                         f"usage {use['usage']:.2f} | ppl {use['perplexity']:.0f} | {dt / n * 1000:.0f} ms | "
                         f"{seen / dt:.1f} img/s")
                 tqdm.write(line) if not args.no_bar else print(line, flush=True)

@@ -342,8 +342,8 @@ def config_from_state_dict(sd):
     attn = tuple(resolution // 2 ** i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd)
     z_channels = sd["decoder.conv_in.weight"].shape[1]
     n_embed, embed_dim = sd["quantize.embedding.weight"].shape
-    return Config(resolution=resolution, in_channels=int(in_channels), out_ch=int(sd["decoder.conv_out.weight"].shape[0]),
-                  ch=int(ch), ch_mult=ch_mult, num_res_blocks=blocks, attn_resolutions=attn, z_channels=int(z_channels),
+    return Config(resolution=resolution, in_channels=int(in_channels),
+                  out_ch=int(sd["decoder.conv_out.weight"].shape[0]), ch=int(ch), ch_mult=ch_mult, num_res_blocks=blocks, attn_resolutions=attn, z_channels=int(z_channels),
                   double_z=sd["encoder.conv_out.weight"].shape[0] == 2 * z_channels, n_embed=int(n_embed),
                   embed_dim=int(embed_dim), legacy=True)  # taming's VQModel never passes legacy=False
 

@@ -78,7 +78,8 @@ def test_legacy_beta_placement(legacy):
 
 def fake_lightning_ckpt(model, path):
     """A file laid out like PL 1.0.8's taming .ckpt: the ModelCheckpoint *class* as a callbacks key, two Adam states,
-    the model's keys interleaved with loss.* (LPIPS + discriminator), pickled while a fake `pytorch_lightning` exists."""
+    the model's keys interleaved with loss.* (LPIPS + discriminator), pickled while a fake `pytorch_lightning`
+    exists."""
     mods = {}
     for name in ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]:
         mods[name] = sys.modules[name] = types.ModuleType(name)
@@ -94,7 +95,8 @@ def fake_lightning_ckpt(model, path):
     adam = torch.optim.Adam(model.parameters(), betas=(0.5, 0.9))
     try:
         torch.save({"epoch": 3, "global_step": 1234, "pytorch-lightning_version": "1.0.8",
-                    "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5), "best_model_path": "x.ckpt"}},
+                    "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5),
+                                                    "best_model_path": "x.ckpt"}},
                     "optimizer_states": [adam.state_dict(), adam.state_dict()], "lr_schedulers": [],
                     "state_dict": enc_dec | loss | rest}, path)
     finally:
@@ -133,7 +135,8 @@ def test_f16_16384_layout_inferred_on_meta():
     assert sum(p.numel() for p in m.parameters()) == 76_073_859
     for key, shape in [("encoder.down.2.block.0.nin_shortcut.weight", (256, 128, 1, 1)),
                        ("encoder.down.0.downsample.conv.weight", (128, 128, 3, 3)),
-                       ("decoder.up.1.block.0.norm1.weight", (256,)), ("decoder.up.4.attn.2.proj_out.weight", (512, 512, 1, 1)),
+                       ("decoder.up.1.block.0.norm1.weight", (256,)),
+                       ("decoder.up.4.attn.2.proj_out.weight", (512, 512, 1, 1)),
                        ("decoder.up.4.upsample.conv.bias", (512,)), ("encoder.conv_out.weight", (256, 512, 3, 3)),
                        ("decoder.conv_out.weight", (3, 128, 3, 3)), ("quantize.embedding.weight", (16384, 256))]:
         assert tuple(sd[key].shape) == shape, key
