@@ -648,4 +648,7 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except (FileNotFoundError, FileExistsError, KeyError) as e:  # bad input: one line that names the fix
+        sys.exit(f"error: {e.args[0] if e.args else e}")
