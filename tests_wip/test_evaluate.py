@@ -248,19 +248,20 @@ def test_coco_command_with_stubs(weights, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sample", StubSample)
     import clip
     monkeypatch.setattr(clip, "load", lambda name, device=None: (torch.nn.Linear(1, 1), lambda im: torch.ones(3)))
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    for i in range(3):
-        data.render(data.shape_attributes(1, i), 32).save(ref / f"{i}.png")
-    (tmp_path / "caps.txt").write_text("a red circle\na blue square\na green star\n")
+    ref = tmp_path / "ref.npz"  # reference statistics with our FID-1 keys beside pytorch-fid's
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_blur1=np.ones(2048), sigma_blur1=np.eye(2048))
+    (tmp_path / "caps.txt").write_text("a red circle\na blue square\n")
     args = evaluate.parse_args(["coco", "--captions", str(tmp_path / "caps.txt"), "--ref-stats", str(ref), "--blur", "0",
                                 "1", "--inception", str(path), "--workers", "0", "--out", str(tmp_path / "o"), "--json"])
     monkeypatch.setattr(evaluate, "clip_score", lambda m, p, images, caps: np.full(len(images), 30.0))
     pairs = []  # a 2048x2048 sqrtm costs ~10 s on 2 cores; the distance itself is tested above and cross-checked
+    small = lambda x: torch.nn.functional.interpolate(x, size=(96, 96))  # plumbing test: ~10x cheaper Inception
+    monkeypatch.setattr(evaluate, "fid_input", lambda x: 2 * small(x) - 1)
+    monkeypatch.setattr(evaluate, "fidelity_input", lambda x: (small(x) - 128) / 128)
     monkeypatch.setattr(evaluate, "frechet_distance", lambda m1, s1, m2, s2: pairs.append((m1, s2)) or 1.0)
     out = evaluate.main(args)
     assert sorted(out) == ["clip_score", "fid0", "fid1", "is", "is_std"] and out["clip_score"] == 30.0
-    assert len(pairs) == 2 and pairs[0][0].shape == (2048,) and pairs[1][1].shape == (2048, 2048)
-    assert len(list((tmp_path / "o" / "images").glob("*.png"))) == 3
+    assert len(pairs) == 2 and pairs[0][0].shape == (2048,) and np.array_equal(pairs[1][1], np.eye(2048))
+    assert len(list((tmp_path / "o" / "images").glob("*.png"))) == 2
     text = capsys.readouterr().out
-    assert "fewer than the 2048" in text and '"candidates": 1' in text and '"count": 3' in text
+    assert "fewer than the 2048" in text and '"candidates": 1' in text and '"count": 2' in text
