@@ -180,7 +180,8 @@ def load_inception(path=None, device="cpu"):
         digest = hashlib.sha256(found.read_bytes()).hexdigest()
         if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
             found.unlink()
-            raise RuntimeError(f"{name} has SHA256 {digest}, not {FID_WEIGHTS_SHA256_PREFIX}...: corrupt download; retry")
+            raise RuntimeError(f"{name} has SHA256 {digest}, not {FID_WEIGHTS_SHA256_PREFIX}...: "
+                               "a corrupt download; run again")
     model = InceptionV3()
     sd = torch.load(found, map_location="cpu", weights_only=True)
     # num_batches_tracked is bookkeeping: some exports carry it, some do not; it never changes an output
@@ -339,7 +340,7 @@ def load_stats(path, blur=0):
 
 
 # -----------------------------------------------------------------------------
-# shapes-world accuracy: colour by palette analysis, shape by a small CNN (never the CLIP that conditioned the generator)
+# shapes-world accuracy: colour by palette analysis, shape by a small CNN (never the CLIP behind the generator)
 
 PALETTE = torch.tensor(list(data.COLORS.values()), dtype=torch.float32) / 255  # (8, 3), data.COLORS' order
 JUDGE_RES = 64  # data.py's shapes resolution: the judge sees every image at this size
@@ -355,7 +356,8 @@ def as_float_images(images):
 
 def count_labels(labels):  # (N, L) palette indices -> (N, 8) counts
     k = len(PALETTE)
-    return torch.bincount((labels + k * torch.arange(len(labels))[:, None]).flatten(), minlength=k * len(labels)).view(-1, k)
+    flat = (labels + k * torch.arange(len(labels))[:, None]).flatten()  # image i's labels land in bins i*k .. i*k+k-1
+    return torch.bincount(flat, minlength=k * len(labels)).view(-1, k)
 
 
 def palette_analysis(x):
@@ -544,7 +546,8 @@ def main(args):
         if Path(args.out).exists():
             raise FileExistsError(f"{args.out} exists; remove it or choose another --out")
         st, _, n = set_stats(model, args.folder, args.blur, args)
-        arrays = {(f"{m}_blur{k}" if k else m): v for k, (mu, sigma) in st.items() for m, v in (("mu", mu), ("sigma", sigma))}
+        arrays = {(f"{m}_blur{k}" if k else m): v
+                  for k, (mu, sigma) in st.items() for m, v in (("mu", mu), ("sigma", sigma))}
         np.savez_compressed(args.out, n=n, **arrays)
         print(f"wrote {args.out}: mu, sigma of {n} images for blur radii {args.blur}")
         results["n"] = n
@@ -585,7 +588,8 @@ def main(args):
         gen, logits, _ = set_stats(model, folder, args.blur, args, logits=True)  # the blur-0 pass also gives logits
         results.update(fids(gen, set_stats(model, args.ref_stats, args.blur, args)[0]))
         if logits is None:
-            logits = folder_features(model, folder, 0, True, args.batch_size, args.workers, args.device, False)["logits"]
+            f = folder_features(model, folder, 0, True, args.batch_size, args.workers, args.device, pool=False)
+            logits = f["logits"]
         results["is"], results["is_std"] = inception_score(logits, args.splits)
         import clip
         cm, pre = clip.load(args.score_clip, device=args.device)
