@@ -28,6 +28,8 @@ class Config:
     z_channels: int = 256             # encoder output width before quant_conv
     double_z: bool = False            # taming's VAE option; VQGAN never uses it, kept so configs map 1:1
     dropout: float = 0.0
+    norm_groups: int = 32             # GroupNorm groups (taming: 32). With 32 channels, 32 groups is a per-channel
+                                      # instance norm that erases a flat image's colour: small widths need fewer
     n_embed: int = 16384              # codebook size (= GPT vocabulary)
     embed_dim: int = 256              # code vector width (quant_conv maps z_channels -> embed_dim)
     beta: float = 0.25                # commitment weight
@@ -49,7 +51,9 @@ PRESETS = {
     # (ch 32 = one GroupNorm group per channel at 64 px; ~24 GFLOP per training step of 8 images), attention only in
     # the mid block; 512 l2-normalised 16-d codes (ViT-VQGAN's low-dim cosine lookup) with restarts every 10 steps
     # keep the codebook alive within a few hundred CPU steps. Flat colours need no more width.
-    "shapes": dict(resolution=64, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+    # 8 GroupNorm groups (4 channels each, as taming's 128-wide level): with 32 groups the decoder's norm_out
+    # normalises each channel over the image and the outputs lose the background colour (measured: orange blobs).
+    "shapes": dict(resolution=64, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(), norm_groups=8,
                    z_channels=64, n_embed=512, embed_dim=16, legacy=False, l2_norm=True, restart_every=10),
     # the smallest thing that exercises every code path (attention at 8 px included), for tests
     "tiny": dict(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
@@ -57,8 +61,8 @@ PRESETS = {
 }
 
 
-def Normalize(c):
-    return nn.GroupNorm(num_groups=32, num_channels=c, eps=1e-6, affine=True)  # taming: eps 1e-6, not 1e-5
+def Normalize(c, groups=32):
+    return nn.GroupNorm(num_groups=groups, num_channels=c, eps=1e-6, affine=True)  # taming: 32 groups, eps 1e-6
 
 
 def swish(x):
@@ -66,10 +70,11 @@ def swish(x):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin, cout, dropout):
+    def __init__(self, cin, cout, dropout, groups):
         super().__init__()
-        self.norm1, self.conv1 = Normalize(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.dropout, self.conv2 = Normalize(cout), nn.Dropout(dropout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = Normalize(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = Normalize(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
         if cin != cout:
             self.nin_shortcut = nn.Conv2d(cin, cout, 1)  # taming's name for the 1x1 projection shortcut
 
@@ -82,9 +87,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the h*w positions, with taming's 1x1-conv q/k/v/proj_out."""
 
-    def __init__(self, c):
+    def __init__(self, c, groups):
         super().__init__()
-        self.norm = Normalize(c)
+        self.norm = Normalize(c, groups)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):
@@ -115,9 +120,10 @@ class Upsample(nn.Module):
 
 
 class Mid(nn.Module):
-    def __init__(self, c, dropout):
+    def __init__(self, c, dropout, groups):
         super().__init__()
-        self.block_1, self.attn_1, self.block_2 = ResnetBlock(c, c, dropout), AttnBlock(c), ResnetBlock(c, c, dropout)
+        self.block_1, self.attn_1 = ResnetBlock(c, c, dropout, groups), AttnBlock(c, groups)
+        self.block_2 = ResnetBlock(c, c, dropout, groups)
 
     def forward(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -126,10 +132,10 @@ class Mid(nn.Module):
 class Level(nn.Module):
     """One resolution level: res blocks (each followed by attention where configured), then an optional resample."""
 
-    def __init__(self, cin, cout, n_blocks, attn, dropout):
+    def __init__(self, cin, cout, n_blocks, attn, dropout, groups):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, dropout) for i in range(n_blocks))
-        self.attn = nn.ModuleList(AttnBlock(cout) for _ in range(n_blocks)) if attn else nn.ModuleList()
+        self.block = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, dropout, groups) for i in range(n_blocks))
+        self.attn = nn.ModuleList(AttnBlock(cout, groups) for _ in range(n_blocks)) if attn else nn.ModuleList()
 
     def forward(self, x):
         for i, block in enumerate(self.block):
@@ -146,12 +152,13 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down, res = nn.ModuleList(), cfg.resolution
         for i in range(len(cfg.ch_mult)):
-            level = Level(chs[i], chs[i + 1], cfg.num_res_blocks, res in cfg.attn_resolutions, cfg.dropout)
+            level = Level(chs[i], chs[i + 1], cfg.num_res_blocks, res in cfg.attn_resolutions, cfg.dropout,
+                          cfg.norm_groups)
             if i < len(cfg.ch_mult) - 1:
                 level.downsample, res = Downsample(chs[i + 1]), res // 2
             self.down.append(level)
-        self.mid = Mid(chs[-1], cfg.dropout)
-        self.norm_out = Normalize(chs[-1])
+        self.mid = Mid(chs[-1], cfg.dropout, cfg.norm_groups)
+        self.norm_out = Normalize(chs[-1], cfg.norm_groups)
         self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
 
     def forward(self, x):                                  # (B, 3, H, W)
@@ -170,17 +177,17 @@ class Decoder(nn.Module):
         L = len(cfg.ch_mult)
         c, res = cfg.ch * cfg.ch_mult[-1], cfg.resolution // 2 ** (L - 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
-        self.mid = Mid(c, cfg.dropout)
+        self.mid = Mid(c, cfg.dropout, cfg.norm_groups)
         up = []
         for i in reversed(range(L)):  # built coarse to fine, stored so that up[i] is level i (taming's layout)
             cout = cfg.ch * cfg.ch_mult[i]
-            level = Level(c, cout, cfg.num_res_blocks + 1, res in cfg.attn_resolutions, cfg.dropout)
+            level = Level(c, cout, cfg.num_res_blocks + 1, res in cfg.attn_resolutions, cfg.dropout, cfg.norm_groups)
             if i != 0:
                 level.upsample, res = Upsample(cout), res * 2
             up.insert(0, level)
             c = cout
         self.up = nn.ModuleList(up)
-        self.norm_out = Normalize(c)
+        self.norm_out = Normalize(c, cfg.norm_groups)
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
 
     def forward(self, z):                                  # (B, z_channels, h, w)
@@ -343,7 +350,8 @@ def config_from_state_dict(sd):
     z_channels = sd["decoder.conv_in.weight"].shape[1]
     n_embed, embed_dim = sd["quantize.embedding.weight"].shape
     return Config(resolution=resolution, in_channels=int(in_channels),
-                  out_ch=int(sd["decoder.conv_out.weight"].shape[0]), ch=int(ch), ch_mult=ch_mult, num_res_blocks=blocks, attn_resolutions=attn, z_channels=int(z_channels),
+                  out_ch=int(sd["decoder.conv_out.weight"].shape[0]), ch=int(ch), ch_mult=ch_mult,
+                  num_res_blocks=blocks, attn_resolutions=attn, z_channels=int(z_channels),
                   double_z=sd["encoder.conv_out.weight"].shape[0] == 2 * z_channels, n_embed=int(n_embed),
                   embed_dim=int(embed_dim), legacy=True)  # taming's VQModel never passes legacy=False
 
