@@ -422,6 +422,8 @@ def shapes_set(n, seed, g):
 def train_shape_judge(path, n_train=3_000, steps=300, n_val=1_000, seed=0):
     """Train the shape judge on data.py's procedural images (clean and degraded), save it -> (model, checkpoint)."""
     torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # convs this small gain little from threads, and lose 5x on a shared CPU (measured)
     g = torch.Generator().manual_seed(seed)
     x, y = shapes_set(n_train, 7_000_001, g)  # worlds of their own, neither data.py's train nor its val split
     xv, yv = shapes_set(n_val, 7_000_002, g)
@@ -436,6 +438,7 @@ def train_shape_judge(path, n_train=3_000, steps=300, n_val=1_000, seed=0):
         opt.step()
         sched.step()
     model.eval()
+    torch.set_num_threads(threads)
     with torch.no_grad():
         ok = (model(xv).argmax(1) == yv).float()
     clean, degraded = ok[:len(ok) // 2].mean().item(), ok[len(ok) // 2:].mean().item()
