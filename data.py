@@ -151,7 +151,7 @@ class ImageFolder(Dataset):
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not self.files:
             raise FileNotFoundError(f"no images found under {self.root} (looked for {sorted(IMAGE_EXTENSIONS)}, "
-                                    f"recursively); put image files there or pass another --data folder")
+                                    f"recursively); put image files there or point to another folder")
         classes = sorted({p.parent for p in self.files})
         self.class_index = {c: i for i, c in enumerate(classes)} if len(classes) > 1 else {}
 
