@@ -40,7 +40,7 @@ SIZES = {
     "cuda": dict(warmup=2, reps=5, clip_batches=(1, 32), vqgan_batch=16, train_batch=32,
                  sample=[("gpt2-medium", 256, (1, 16, 64, 256), (1, 16))], fid_batch=50),
     "cpu": dict(warmup=1, reps=3, clip_batches=(1, 32), vqgan_batch=1, train_batch=1,
-                sample=[("shapes", 256, (1, 8, 32), (1, 8)), ("gpt2-medium", 16, (1, 4), (1,))], fid_batch=8),
+                sample=[("shapes", 256, (1, 8, 32), (1, 8)), ("gpt2-medium", 16, (1,), (1,))], fid_batch=8),
     "quick": dict(warmup=1, reps=2, clip_batches=(1, 2), vqgan_batch=1, train_batch=2,
                   sample=[("tiny", 16, (1, 2), (1,))], fid_batch=1),
 }
