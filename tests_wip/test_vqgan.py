@@ -224,3 +224,23 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "batch 2x2" in r.stdout and "eval step 3" in r.stdout
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_lpips_loads_published_layouts(tmp_path):
+    """torchvision's VGG16 file + LPIPS' vgg.pth (random values, same keys), and taming's loss.perceptual_loss.*."""
+    torch.manual_seed(0)
+    names = train_vqgan.LPIPS().state_dict()
+    feats = {f"features.{k.split('.')[2]}.{k.split('.')[3]}": torch.randn_like(v) * 0.05
+             for k, v in names.items() if k.startswith("net.")}
+    feats["classifier.0.weight"] = torch.zeros(2, 2)  # present in torchvision's file, unused
+    torch.save(feats, tmp_path / "vgg16-397923af.pth")
+    torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate([64, 128, 256, 512, 512])},
+               tmp_path / "vgg.pth")
+    lp = train_vqgan.LPIPS().load(tmp_path).eval()
+    x, y = images(2), images(2, seed=1)
+    d = lp(x, y)
+    assert d.shape == (2,) and (d > 0).all() and torch.equal(lp(x, x), torch.zeros(2))
+    sd = {f"loss.perceptual_loss.{'scaling_layer.' if k in ('shift', 'scale') else ''}{k}": v
+          for k, v in lp.state_dict().items()}
+    torch.save({"state_dict": sd}, tmp_path / "taming.ckpt")
+    assert torch.equal(train_vqgan.LPIPS().load(tmp_path / "taming.ckpt").eval()(x, y), d)
