@@ -40,7 +40,7 @@ PRESETS = {
     # shapes world: 64 px, f8 -> 8x8 tokens. Perceptual weight 0: the VGG16 weights are not available offline, and flat
     # colours need no texture loss. GAN off (disc_start past the end): L1 already gives sharp flat-colour edges, and D
     # would cost a third more CPU. Usage is kept up by the preset's l2-normalised 16-d codes and dead-code restarts.
-    # Measured on a busy shared CPU (1 thread): held-out L1 0.42 / 0.37 at steps 100 / 300, usage 0.98 at 300;
+    # Measured on a busy shared CPU (1 thread): held-out L1 0.42 / 0.37 / 0.33 at steps 100 / 300 / 500, usage 0.99;
     # 1500 steps is an estimate of 15 quiet 2-core minutes, not a measurement.
     "shapes": dict(model="shapes", resolution=64, batch_size=8, base_lr=1.25e-4, max_steps=1500, disc_start=10**9,
                    disc_weight=0.75, disc_layers=2, perceptual_weight=0.0, log_interval=20, eval_interval=100,
