@@ -60,7 +60,7 @@ def get_parser():
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="also write the figures as JSON to FILE (no FILE: print JSON instead of the table)")
     p.add_argument("--quick", action="store_true", help="tiny models and 2 repetitions (for tests)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: per setting, 3 on CPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (None: 3 on CPU, 5 on CUDA, 2 with --quick)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the GPT for the gpt-train stage")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for the conv nets")
