@@ -1,17 +1,51 @@
 """clipgen test suite: CPU, tiny configs, a few minutes on 2 cores. Run: python -m pytest -q test_all.py"""
+import hashlib
+import io
+import json
+import math
+import os
+import subprocess
 import sys
+import types
+import urllib.request
+import warnings
+from argparse import Namespace
+from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
 ASSETS = ROOT.parent / "shared" / "assets"  # the CLIP BPE vocabulary and a test image, beside the checkout
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
 
+import bench  # noqa: E402
+import clip  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import gpt  # noqa: E402
+import sample  # noqa: E402
+import train_gpt  # noqa: E402
+import train_vqgan  # noqa: E402
+import vqgan  # noqa: E402
+import vqgan as vq  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    # the models here are tiny: intra-op threads only add hand-offs (several times slower on a busy 2-core CPU)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+# =============================================================================
+# data
 
 def test_shapes_world_is_deterministic_and_labelled():
     a, b = data.Shapes(8, resolution=64)[5], data.Shapes(8, resolution=64)[5]
@@ -102,3 +136,1160 @@ def test_atomic_save_and_rng_state_round_trip(tmp_path):
 
 
 # =============================================================================
+# clip
+
+# ---------------------------------------------------------------------------- tokenizer
+
+# Obtained by running OpenAI's reference tokenizer (clip-anytorch 2.6.0, whose simple_tokenizer.py and vocabulary
+# are byte-identical to github.com/openai/CLIP) in a throwaway venv with ftfy 6.3.1 and regex 2026.5.9:
+#   clip.tokenize(text)[0], padding stripped. The first and third rows are also in OpenAI's notebook / fact sheet.
+REFERENCE_IDS = {
+    "Hello World!": [49406, 3306, 1002, 256, 49407],
+    "": [49406, 49407],
+    "a photo of a cat.": [49406, 320, 1125, 539, 320, 2368, 269, 49407],
+    "café naïve résumé façade": [49406, 15304, 1097, 35689, 563, 29106, 7054, 4166, 778, 10067, 1928, 49407],
+    "Ångström ß Straße İstanbul ı": [49406, 23176, 10352, 807, 7255, 332, 127, 509, 1894, 127, 253, 324, 328, 16384,
+                                     11231, 41901, 49407],
+    "😀😂🤣": [49406, 12832, 1424, 9909, 49407],
+    "I ❤️ NY 🗽": [49406, 328, 1752, 1350, 7045, 377, 49407],
+    "&amp; &lt;b&gt;bold&lt;/b&gt; &quot;q&quot; &#39;apos&#39;": [49406, 261, 283, 321, 285, 8911, 34308, 321, 285,
+                                                                     257, 336, 257, 262, 4089, 338, 262, 49407],
+    "&amp;amp; &amp;lt;": [49406, 261, 283, 49407],
+    "&lt;|endoftext|&gt;": [49406, 49407, 49407],
+    "3.14159 -42 +7 1e-5 0x1F 1,000,000": [49406, 274, 269, 272, 275, 272, 276, 280, 268, 275, 273, 266, 278, 272, 324,
+                                           268, 276, 271, 343, 272, 325, 272, 267, 271, 271, 271, 267, 271, 271, 271,
+                                           49407],
+    "!!!???...,,,;;;:::": [49406, 11194, 40017, 3002, 21340, 11, 34824, 26, 43818, 49407],
+    "don't you're we've I'm she'll they'd it's": [49406, 847, 713, 592, 982, 649, 1200, 328, 880, 1043, 1342, 889, 1896,
+                                                  585, 568, 49407],
+    "before <|endoftext|> after": [49406, 1348, 49407, 953, 49407],
+    "日本語のテキスト": [49406, 39121, 44353, 34002, 252, 21575, 2429, 228, 47121, 32421, 486, 49407],
+    "ﬁ ﬂ Ⅰ Ⅱ ½ ² ①": [49406, 3589, 2685, 158, 227, 364, 158, 227, 365, 33613, 41175, 158, 239, 510, 49407],
+}
+
+
+def test_tokenize_matches_reference_ids():
+    texts = list(REFERENCE_IDS)
+    tokens = clip.tokenize(texts)
+    assert tokens.shape == (len(texts), 77) and tokens.dtype == torch.long
+    for row, text in zip(tokens, texts):
+        ids = REFERENCE_IDS[text]
+        assert row[:len(ids)].tolist() == ids, text
+        assert not row[len(ids):].any(), text  # padded with 0
+
+
+def test_tokenize_edge_cases():
+    assert clip.tokenize("a cat").shape == (1, 77)
+    explicit = str(ASSETS / "bpe_simple_vocab_16e6.txt.gz")
+    assert torch.equal(clip.tokenize("a photo of a cat.", bpe_path=explicit), clip.tokenize("a photo of a cat."))
+    with pytest.raises(FileNotFoundError, match="nowhere.txt.gz"):
+        clip.tokenize("a", bpe_path="/nowhere.txt.gz")
+    assert torch.equal(clip.tokenize(["A PHOTO OF A CAT"]), clip.tokenize(["a photo of a cat"]))
+    assert torch.equal(clip.tokenize(["\t\n  \r\n"]), clip.tokenize([""]))
+    assert clip.tokenize("1234567890")[0, 1:11].tolist() == clip.tokenize(list("1234567890"))[:, 1].tolist()
+    tok = clip.get_tokenizer()
+    assert tok.decode(tok.encode("a photo of a cat.")) == "a photo of a cat . "
+
+
+def test_tokenize_length_limits():
+    assert (clip.tokenize("word " * 75)[0] != 0).sum() == 77  # 75 tokens fit exactly
+    text = " ".join(f"word{i % 10}" for i in range(500))
+    with pytest.raises(ValueError, match="word0 word1"):
+        clip.tokenize(text)
+    row = clip.tokenize(text, truncate=True)[0]
+    assert row[0] == 49406 and row[-1] == 49407 and (row != 0).all()
+    assert row[1:-1].tolist() == tok_ids(text)[:75]
+
+
+def tok_ids(text):
+    return clip.get_tokenizer().encode(text)
+
+# ---------------------------------------------------------------------------- preprocessing
+
+
+def test_preprocess_clip_png_matches_reference():
+    from PIL import Image
+    img = Image.open(ASSETS / "CLIP.png")
+    assert img.mode == "RGBA"
+    x = clip.preprocess(img, 224)
+    # sha256 of the float32 bytes of OpenAI's torchvision transform on this file (clip._transform(224), torchvision
+    # 0.28, Pillow 13.0), computed once in a throwaway venv: pixel-identical means byte-identical
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32
+    assert hashlib.sha256(x.numpy().tobytes()).hexdigest() == \
+        "c8696575a09cf5af021703763f55d3d0bc46329512a4e2d3d0ec95d1c07ca29d"
+    # converting to RGB before the resize (a classic clone bug) changes the result on this RGBA image
+    assert not torch.equal(x, clip.preprocess(img.convert("RGB"), 224))
+
+
+def test_preprocess_tensor_matches_pil_path():
+    from PIL import Image
+    torch.manual_seed(0)
+    u8 = torch.randint(0, 256, (64, 48, 3), dtype=torch.uint8)
+    img = Image.fromarray(u8.numpy())
+    x = u8.permute(2, 0, 1).float().div(127.5).sub(1)[None]        # (1, 3, 64, 48) in [-1, 1]
+    # no resize needed (shorter side 48): crop + normalise must agree to float precision
+    assert torch.allclose(clip.preprocess_tensor(x, 48)[0], clip.preprocess(img, 48), atol=1e-5)
+    y = clip.preprocess_tensor(x.requires_grad_(), 32)
+    assert y.shape == (1, 3, 32, 32)
+    y.sum().backward()
+    assert x.grad is not None
+
+# ---------------------------------------------------------------------------- shapes, archives, loading
+
+# published configurations; parameter and state-dict key counts measured on OpenAI's reference model.py
+# (CLIP(...) built on the meta device; ViT-B/32's count is also in OpenAI's notebook)
+PUBLISHED = {
+    "RN50": (clip.Config(1024, 224, [3, 4, 6, 3], 64, 0, 77, 49408, 512, 12), 102007137, 489),
+    "RN101": (clip.Config(512, 224, [3, 4, 23, 3], 64, 0, 77, 49408, 512, 12), 119688033, 795),
+    "RN50x4": (clip.Config(640, 288, [4, 6, 10, 6], 80, 0, 77, 49408, 640, 12), 178300601, 669),
+    "RN50x16": (clip.Config(768, 384, [6, 8, 18, 8], 96, 0, 77, 49408, 768, 12), 290979217, 921),
+    "RN50x64": (clip.Config(1024, 448, [3, 15, 36, 10], 128, 0, 77, 49408, 1024, 12), 623258305, 1353),
+    "ViT-B/32": (clip.Config(512, 224, 12, 768, 32, 77, 49408, 512, 12), 151277313, 302),
+    "ViT-B/16": (clip.Config(512, 224, 12, 768, 16, 77, 49408, 512, 12), None, 302),
+    "ViT-L/14": (clip.Config(768, 224, 24, 1024, 14, 77, 49408, 768, 12), None, 446),
+    "ViT-L/14@336px": (clip.Config(768, 336, 24, 1024, 14, 77, 49408, 768, 12), 427944193, 446),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_shape_inference_published_sizes(name):
+    config, n_params, n_keys = PUBLISHED[name]
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = clip.CLIP(config)
+    sd = model.state_dict()
+    assert len(sd) == n_keys
+    if n_params:
+        assert sum(p.numel() for p in model.parameters()) == n_params
+    shapes = {k: torch.empty(v.shape, device="meta") for k, v in sd.items()}
+    assert clip.config_from_state_dict(shapes) == config
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return clip.CLIP(clip.Config(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
+                                 vision_patch_size=16, transformer_width=64, transformer_layers=2)).eval()
+
+
+def test_torchscript_archive_round_trip(tmp_path):
+    """An archive laid out like OpenAI's (traced; fp16 conv/linear/attention, fp32 embeddings and norms, three
+    integer extras) loads into a model equal to the saved one."""
+    model = tiny_vit()
+    fp16 = ("conv1.weight", "in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias", "c_fc.weight",
+            "c_fc.bias", "c_proj.weight", "c_proj.bias", "visual.proj", "text_projection")
+    for name, p in model.named_parameters():
+        if name.endswith(fp16):
+            p.data = p.data.half()  # OpenAI's convert_weights
+    del model.context_length, model.vocab_size  # plain ints on our model; integer tensors in OpenAI's archive
+    model.register_buffer("input_resolution", torch.tensor(32))
+    model.register_buffer("context_length", torch.tensor(77))
+    model.register_buffer("vocab_size", torch.tensor(49408))
+    image = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace_module(model, {"encode_image": image.half()}, check_trace=False)
+    path = tmp_path / "ViT-tiny.pt"
+    traced.save(str(path))
+    sd = torch.jit.load(str(path)).state_dict()
+    assert sd["visual.conv1.weight"].dtype == torch.float16 and sd["ln_final.weight"].dtype == torch.float32
+    assert sd["input_resolution"].item() == 32 and len(sd) == len(model.state_dict())
+
+    loaded, preprocess = clip.load(str(path), device="cpu")
+    expected = {k: v.float() for k, v in model.state_dict().items() if k not in clip.ARCHIVE_EXTRAS}
+    got = loaded.state_dict()
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())  # never fp16 on CPU
+    reference = tiny_vit()
+    reference.load_state_dict(expected)
+    tokens = clip.tokenize(["a diagram", "a dog", "before <|endoftext|> after"])
+    with torch.no_grad():
+        li, lt = loaded(image, tokens)
+        ri, _ = reference(image, tokens)
+    assert torch.equal(li, ri) and torch.equal(lt, li.t())
+
+
+def test_load_state_dict_and_checkpoint(tmp_path):
+    model = tiny_vit()
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    torch.save({"model": model.state_dict(), "config": {}, "step": 3}, tmp_path / "ckpt.pt")
+    image, tokens = torch.randn(1, 3, 32, 32), clip.tokenize(["a red circle"])
+    with torch.no_grad():
+        want = model(image, tokens)[0]
+        for name in ("sd.pt", "ckpt.pt"):
+            loaded, pre = clip.load(str(tmp_path / name), device="cpu", dtype=torch.float16)  # fp16 ignored on CPU
+            assert loaded.dtype == torch.float32 and loaded.visual.input_resolution == 32
+            assert torch.allclose(loaded(image, tokens)[0], want, atol=1e-5)
+
+
+def test_clip_strict_load_names_keys(tmp_path):
+    sd = tiny_vit().state_dict()
+    del sd["visual.ln_post.bias"]
+    sd["visual.extra.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"visual\.ln_post\.bias.*visual\.extra\.weight"):
+        clip.build_model(sd)
+    with pytest.raises(ValueError, match="unknown CLIP model 'ViT-X/99'.*ViT-B/32"):
+        clip.load("ViT-X/99")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read CLIP weights"):
+        clip.load(str(tmp_path / "junk.pt"))
+
+
+def test_text_pooling_at_first_end_token():
+    model = tiny_vit()
+    t = clip.tokenize(["a cat", "a cat <|endoftext|> and more words"])
+    with torch.no_grad():
+        e = model.encode_text(t)
+    assert torch.allclose(e[0], e[1], atol=1e-6)  # causal: nothing after the first end token matters
+
+# ---------------------------------------------------------------------------- download
+
+
+def test_download_interrupted_leaves_nothing(tmp_path, monkeypatch):
+    class Broken(io.BytesIO):
+        headers = {"Content-Length": "3000000"}
+
+        def read(self, n=-1):
+            if self.tell() > 1_000_000:
+                raise ConnectionResetError("connection lost")
+            return super().read(n)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: Broken(b"x" * 3_000_000))
+    root = tmp_path / "cache"
+    with pytest.raises(RuntimeError, match="connection lost.*put it at"):
+        clip.download("https://example.com/a/model.pt", str(root), sha256="0" * 64)
+    assert list(root.iterdir()) == []
+
+
+def test_download_hash_mismatch_redownloads(tmp_path):
+    payload = b"the right bytes" * 1000
+    src = tmp_path / "src.bin"
+    src.write_bytes(payload)
+    sha = hashlib.sha256(payload).hexdigest()
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / "src.bin").write_bytes(b"truncated")
+    with pytest.warns(UserWarning, match="SHA256 does not match"):
+        path = clip.download(src.as_uri(), str(root), sha256=sha)
+    assert Path(path).read_bytes() == payload and sorted(os.listdir(root)) == ["src.bin"]
+    with pytest.raises(RuntimeError, match="SHA256"):  # served bytes themselves wrong: error, nothing kept
+        clip.download(src.as_uri(), str(tmp_path / "other"), sha256="0" * 64)
+    assert os.listdir(tmp_path / "other") == []
+
+
+def test_default_root_honours_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert clip.default_root() == str(tmp_path / "clip")
+
+
+def test_cli_bad_inputs(tmp_path):
+    import argparse
+    args = argparse.Namespace(model="ViT-B/32", image=str(tmp_path / "missing.jpg"), text=["a"], device="cpu",
+                              download_root=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="missing.jpg not found"):
+        clip.main(args)
+    (tmp_path / "bad.jpg").write_bytes(b"no image")
+    args.image = str(tmp_path / "bad.jpg")
+    with pytest.raises(ValueError, match="cannot read image"):
+        clip.main(args)
+
+# ---------------------------------------------------------------------------- train_clip
+
+
+def test_train_clip_lowers_loss_and_loads(tmp_path):
+    import train_clip
+    args = train_clip.get_args(["--preset", "tiny", "--out-dir", str(tmp_path), "--export", str(tmp_path / "clip.pt"),
+                                "--max-steps", "12", "--eval-n", "48", "--threads", "1"])
+    out = train_clip.main(args)
+    losses = out["losses"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    model, _ = clip.load(str(tmp_path / "clip.pt"), device="cpu")
+    assert model.visual.input_resolution == 32 and model.embed_dim == 32
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    trained = clip.build_model(dict(ckpt["model"]))
+    image, tokens = torch.randn(2, 3, 32, 32), clip.tokenize(["a red circle", "a blue square"])
+    with torch.no_grad():  # the exported fp16 file is the trained model up to fp16 rounding
+        assert torch.allclose(model.encode_image(image), trained.encode_image(image), atol=2e-2)
+        assert torch.allclose(model.encode_text(tokens), trained.encode_text(tokens), atol=2e-2)
+
+
+def test_train_clip_resume_is_exact(tmp_path):
+    import train_clip
+    common = ["--preset", "tiny", "--eval-n", "8", "--threads", "1", "--ckpt-interval", "0", "--batch-size", "16"]
+    full = train_clip.main(train_clip.get_args(common + ["--out-dir", str(tmp_path / "a"), "--max-steps", "4"]))
+    train_clip.main(train_clip.get_args(common + ["--out-dir", str(tmp_path / "b"), "--max-steps", "4",
+                                                  "--stop-after", "2"]))
+    resumed = train_clip.main(train_clip.get_args(common + ["--out-dir", str(tmp_path / "b"), "--max-steps", "4",
+                                                            "--resume"]))
+    assert resumed["losses"] == full["losses"][2:]
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# =============================================================================
+# vqgan
+
+TINY = vqgan.Config(**vqgan.PRESETS["tiny"])
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = vqgan.VQGAN(replace(TINY, **kw))
+    with torch.no_grad():  # a spread-out codebook, so indices are not all the same
+        m.quantize.embedding.weight.normal_()
+    return m.eval()
+
+
+def images(n=2, res=32, seed=0):
+    return torch.rand(n, 3, res, res, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_shapes_round_trip():
+    m = tiny_model()
+    x = images(3)
+    idx = m.encode(x)
+    assert idx.shape == (3, TINY.grid, TINY.grid) and idx.dtype == torch.long
+    y = m.decode(idx)
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1
+    xrec, loss, idx2 = m(x)
+    assert xrec.shape == x.shape and loss.ndim == 0 and torch.equal(idx, idx2)
+    z = F.embedding(idx, m.quantize.codebook()).permute(0, 3, 1, 2)
+    assert torch.allclose(m.decode_latent(z), y, atol=1e-6)
+    # non-square inputs run too (resolution only places attention)
+    assert m.encode(images(1, 48)[:, :, :, :32].contiguous()).shape == (1, 12, 8)
+
+
+def test_straight_through_gradient_reaches_encoder():
+    m = tiny_model().train()
+    xrec, qloss, _ = m(images())
+    (xrec - images()).abs().mean().backward()  # reconstruction loss only: its gradient must cross the quantizer
+    g = m.encoder.conv_in.weight.grad
+    assert g is not None and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_legacy_beta_placement(legacy):
+    cfg = replace(TINY, legacy=legacy, n_embed=8, embed_dim=4)
+    q = vqgan.VectorQuantizer(cfg)
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.randn(8, 4, generator=torch.Generator().manual_seed(1)))
+    z = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    z_q, loss, idx = q(z)
+    zq_ref = q.embedding.weight[idx].permute(0, 3, 1, 2)  # (B, h, w, D) -> (B, D, h, w)
+    mse = ((zq_ref - z) ** 2).mean()
+    assert torch.allclose(loss, 1.25 * mse, rtol=1e-6)  # the forward value is the same for both placements
+    loss.backward()
+    n = z.numel()
+    w_commit, w_book = (1.0, 0.25) if legacy else (0.25, 1.0)
+    assert torch.allclose(z.grad, w_commit * 2 * (z - zq_ref).detach() / n, rtol=1e-5, atol=1e-9)
+    g_book = torch.zeros_like(q.embedding.weight)
+    g_book.index_add_(0, idx.flatten(), (w_book * 2 * (zq_ref - z).detach() / n).permute(0, 2, 3, 1).reshape(-1, 4))
+    assert torch.allclose(q.embedding.weight.grad, g_book, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(z_q, zq_ref, atol=1e-6)  # straight-through value = the codes
+
+
+def fake_lightning_ckpt(model, path):
+    """A file laid out like PL 1.0.8's taming .ckpt: the ModelCheckpoint *class* as a callbacks key, two Adam states,
+    the model's keys interleaved with loss.* (LPIPS + discriminator), pickled while a fake `pytorch_lightning`
+    exists."""
+    mods = {}
+    for name in ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]:
+        mods[name] = sys.modules[name] = types.ModuleType(name)
+    ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": "pytorch_lightning.callbacks.model_checkpoint"})
+    mods["pytorch_lightning.callbacks.model_checkpoint"].ModelCheckpoint = ModelCheckpoint
+    sd = model.state_dict()
+    enc_dec = {k: v for k, v in sd.items() if k.startswith(("encoder.", "decoder."))}
+    rest = {k: v for k, v in sd.items() if k not in enc_dec}
+    disc = train_vqgan.Discriminator(2)
+    loss = {f"loss.discriminator.{k}": v for k, v in disc.state_dict().items()}
+    loss |= {"loss.perceptual_loss.scaling_layer.shift": torch.zeros(1, 3, 1, 1),
+             "loss.perceptual_loss.lin0.model.1.weight": torch.rand(1, 64, 1, 1)}
+    adam = torch.optim.Adam(model.parameters(), betas=(0.5, 0.9))
+    try:
+        torch.save({"epoch": 3, "global_step": 1234, "pytorch-lightning_version": "1.0.8",
+                    "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5),
+                                                    "best_model_path": "x.ckpt"}},
+                    "optimizer_states": [adam.state_dict(), adam.state_dict()], "lr_schedulers": [],
+                    "state_dict": enc_dec | loss | rest}, path)
+    finally:
+        for name in mods:
+            del sys.modules[name]  # loading must work without it
+
+
+def test_load_taming_ckpt_without_lightning(tmp_path, capsys):
+    m = tiny_model(l2_norm=False, restart_every=0)  # taming: legacy=True, raw codes
+    path = tmp_path / "last.ckpt"
+    fake_lightning_ckpt(m, path)
+    with pytest.raises(Exception, match="pytorch_lightning"):  # the plain weights-only load refuses it
+        torch.load(path, weights_only=True)
+    assert "pytorch_lightning" not in sys.modules
+    m2 = vqgan.VQGAN.from_checkpoint(path)
+    assert "loss.* dropped" in capsys.readouterr().out
+    assert "pytorch_lightning" not in sys.modules
+    assert m2.config.legacy and m2.config.n_embed == TINY.n_embed and m2.config.ch_mult == TINY.ch_mult
+    x = images(2)
+    assert torch.equal(m.encode(x), m2.encode(x))
+    assert torch.equal(m.decode(m.encode(x)), m2.decode(m2.encode(x)))
+    # bare {"state_dict": ...} (taming's extract_submodel.py) and our own fp16 checkpoint load as well
+    torch.save({"state_dict": m.state_dict()}, tmp_path / "bare.ckpt")
+    assert torch.equal(vqgan.VQGAN.from_checkpoint(tmp_path / "bare.ckpt").encode(x), m.encode(x))
+    torch.save(m.checkpoint(step=7, half=True), tmp_path / "ours.pt")
+    m3 = vqgan.VQGAN.from_checkpoint(tmp_path / "ours.pt")
+    assert m3.config == m.config and m3.encoder.conv_in.weight.dtype == torch.float32
+
+
+def test_f16_16384_layout_inferred_on_meta():
+    with torch.device("meta"):
+        m = vqgan.VQGAN(vqgan.Config(**vqgan.PRESETS["f16-16384"]))
+    sd = m.state_dict()
+    assert len(sd) == 343
+    assert sum(k.startswith("encoder.") for k in sd) == 144 and sum(k.startswith("decoder.") for k in sd) == 194
+    assert sum(p.numel() for p in m.parameters()) == 76_073_859
+    for key, shape in [("encoder.down.2.block.0.nin_shortcut.weight", (256, 128, 1, 1)),
+                       ("encoder.down.0.downsample.conv.weight", (128, 128, 3, 3)),
+                       ("decoder.up.1.block.0.norm1.weight", (256,)),
+                       ("decoder.up.4.attn.2.proj_out.weight", (512, 512, 1, 1)),
+                       ("decoder.up.4.upsample.conv.bias", (512,)), ("encoder.conv_out.weight", (256, 512, 3, 3)),
+                       ("decoder.conv_out.weight", (3, 128, 3, 3)), ("quantize.embedding.weight", (16384, 256))]:
+        assert tuple(sd[key].shape) == shape, key
+    assert "encoder.down.3.attn.0.q.weight" not in sd and "decoder.up.0.upsample.conv.weight" not in sd
+    assert vqgan.config_from_state_dict(sd) == vqgan.Config(**vqgan.PRESETS["f16-16384"])
+    sd1024 = dict(sd, **{"quantize.embedding.weight": torch.empty(1024, 256, device="meta")})
+    assert vqgan.config_from_state_dict(sd1024).n_embed == 1024
+
+
+def test_vqgan_strict_load_names_keys(tmp_path):
+    m = tiny_model()
+    ck = m.checkpoint()
+    del ck["model"]["decoder.conv_out.bias"]
+    ck["model"]["decoder.extra.weight"] = torch.zeros(1)
+    torch.save(ck, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"missing keys \['decoder.conv_out.bias'\].*unexpected keys \['decoder.extra"):
+        vqgan.VQGAN.from_checkpoint(tmp_path / "bad.pt")
+
+
+def vqgan_train_args(out, *extra):
+    return train_vqgan.get_args(["--data", "shapes", "--model", "tiny", "--resolution", "32", "--batch-size", "4",
+                                 "--n-train", "64", "--eval-images", "8", "--eval-interval", "1000", "--log-interval",
+                                 "2", "--lr", "1e-3", "--out", str(out), "--no-bar", "--threads", "1", *extra])
+
+
+def test_resume_reproduces_next_steps(tmp_path):
+    # GAN on from step 2 and restarts every 2 steps: D, its optimizer, the adaptive weight and the restart RNG resume
+    common = ["--max-steps", "6", "--disc-start", "2", "--restart-every", "2"]
+    train_vqgan.main(vqgan_train_args(tmp_path / "a", *common))
+    train_vqgan.main(vqgan_train_args(tmp_path / "b", *common, "--stop-after", "3"))  # "killed" after step 3
+    train_vqgan.main(vqgan_train_args(tmp_path / "b", *common, "--resume"))
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for part in ("model", "disc"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert torch.equal(a["usage"], b["usage"])
+    ea, eb = a["opt_ae"]["state"][0]["exp_avg"], b["opt_ae"]["state"][0]["exp_avg"]
+    assert torch.equal(ea, eb)
+
+
+def test_loss_falls(tmp_path):
+    args = vqgan_train_args(tmp_path, "--max-steps", "25", "--n-train", "8")  # fit 8 images: L1 on them must fall
+    torch.manual_seed(args.seed)
+    fresh = vqgan.VQGAN(vqgan.Config(**vqgan.PRESETS["tiny"]))
+    seen = train_vqgan.data.get_dataset("shapes", "train", 32, train=False, n=8)
+    before = train_vqgan.evaluate(fresh, seen, 8, "cpu")[0]["l1"]
+    after = train_vqgan.evaluate(train_vqgan.main(args), seen, 8, "cpu")[0]["l1"]
+    assert after < 0.8 * before, (before, after)
+    assert (tmp_path / "vqgan.pt").exists() and list(tmp_path.glob("rec_*.png"))
+
+
+def test_corrupt_images_skipped(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 36), (40 * i, 100, 200)).save(folder / f"ok{i}.png")
+    (folder / "bad.jpg").write_bytes(b"not an image at all")
+    good = (folder / "ok0.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    args = train_vqgan.get_args(["--data", str(folder), "--model", "tiny", "--resolution", "32", "--batch-size", "4",
+                                 "--max-steps", "2", "--eval-images", "8", "--perceptual-weight", "0", "--lr", "1e-3",
+                                 "--out", str(tmp_path / "out"), "--no-bar", "--workers", "0", "--eval-interval", "2",
+                                 "--threads", "1"])
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        train_vqgan.main(args)
+    assert "skipped 2 unreadable images" in capsys.readouterr().out
+
+
+def test_missing_lpips_weights_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_vqgan, "CACHE", tmp_path / "cache")
+    monkeypatch.setitem(sys.modules, "clip", None)  # no downloader (and no network) available
+    with pytest.raises(SystemExit, match="--perceptual-weight 0"):
+        train_vqgan.get_lpips(None, "cpu")
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "train_vqgan.py"), "--data", "shapes", "--model", "tiny", "--resolution", "32", "--batch-size",
+           "2", "--n-train", "32", "--eval-images", "4", "--max-steps", "3", "--disc-start", "1", "--restart-every",
+           "2", "--log-interval", "1", "--eval-interval", "3", "--out", str(tmp_path), "--no-bar", "--threads", "1"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "batch 2x2" in r.stdout and "eval step 3" in r.stdout
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_lpips_loads_published_layouts(tmp_path):
+    """torchvision's VGG16 file + LPIPS' vgg.pth (random values, same keys), and taming's loss.perceptual_loss.*."""
+    torch.manual_seed(0)
+    names = train_vqgan.LPIPS().state_dict()
+    feats = {f"features.{k.split('.')[2]}.{k.split('.')[3]}": torch.randn_like(v) * 0.05
+             for k, v in names.items() if k.startswith("net.")}
+    feats["classifier.0.weight"] = torch.zeros(2, 2)  # present in torchvision's file, unused
+    torch.save(feats, tmp_path / "vgg16-397923af.pth")
+    torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate([64, 128, 256, 512, 512])},
+               tmp_path / "vgg.pth")
+    lp = train_vqgan.LPIPS().load(tmp_path).eval()
+    x, y = images(2), images(2, seed=1)
+    d = lp(x, y)
+    assert d.shape == (2,) and (d > 0).all() and torch.equal(lp(x, x), torch.zeros(2))
+    sd = {f"loss.perceptual_loss.{'scaling_layer.' if k in ('shift', 'scale') else ''}{k}": v
+          for k, v in lp.state_dict().items()}
+    torch.save({"state_dict": sd}, tmp_path / "taming.ckpt")
+    assert torch.equal(train_vqgan.LPIPS().load(tmp_path / "taming.ckpt").eval()(x, y), d)
+
+
+# =============================================================================
+# gpt
+
+def tiny_gpt(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = gpt.GPT(gpt.make_config("tiny", **kw)).eval()
+    with torch.no_grad():  # a trained-looking null token, so that conditional and unconditional differ
+        model.null_cond.normal_()
+    return model
+
+
+def test_causality_and_prefix_shapes():
+    model = tiny_gpt()
+    x, c = torch.randint(0, 16, (2, 15)), torch.randn(2, 8)
+    logits, loss = model(x, c, targets=torch.randint(0, 16, (2, 16)))
+    assert logits.shape == (2, 16, 16) and loss.ndim == 0  # [cond, t_0..t_14] predicts t_0..t_15
+    for j in (0, 7, 14):
+        y = x.clone()
+        y[:, j] = (y[:, j] + 1) % 16
+        changed = model(y, c)[0]
+        # logits at i see t_0..t_{i-1}: changing t_j leaves 0..j untouched and moves j+1.. (proves the test can fail)
+        assert torch.equal(changed[:, :j + 1], logits[:, :j + 1])
+        assert not torch.allclose(changed[:, j + 1:], logits[:, j + 1:])
+    # the condition reaches every position; the norm of the embedding does not matter (normalised inside)
+    assert not torch.allclose(model(x, -c)[0][:, 0], logits[:, 0])
+    assert torch.allclose(model(x, 3 * c)[0], logits, atol=1e-6)
+
+
+def test_null_condition_matches_dropped_rows():
+    model = tiny_gpt()
+    x, c = torch.randint(0, 16, (3, 15)), torch.randn(3, 8)
+    drop = torch.tensor([True, False, True])
+    mixed = model(x, c, drop=drop)[0]
+    assert torch.allclose(mixed[drop], model(x[drop], None)[0], atol=1e-6)
+    assert torch.allclose(mixed[~drop], model(x[~drop], c[~drop])[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(top_k=5, top_p=0.9), dict(cfg_scale=3.0, temperature=0.8),
+                                dict(prefix=True, top_k=8)])
+def test_kv_cache_equals_full_recomputation(kw):
+    model = tiny_gpt()
+    c = torch.randn(4, 8)
+    if kw.get("prefix"):
+        kw["prefix"] = torch.randint(0, 16, (4, 5))
+    a = model.generate(c, generator=torch.Generator().manual_seed(1), **kw)
+    b = model.generate(c, generator=torch.Generator().manual_seed(1), use_cache=False, **kw)
+    assert a.shape == (4, 16) and torch.equal(a, b)
+    if kw.get("prefix") is not None:
+        assert torch.equal(a[:, :5], kw["prefix"])
+
+
+def test_guidance_matches_manual_formula_and_scale_one_is_conditional():
+    model = tiny_gpt()
+    c = torch.randn(3, 8)
+    for s in (1.0, 3.0):
+        toks = model.generate(c, cfg_scale=s, temperature=0)
+        manual = torch.zeros(3, 0, dtype=torch.long)
+        for _ in range(16):  # greedy with explicit conditional / unconditional forwards, one branch at a time
+            lc, lu = model(manual, c)[0][:, -1], model(manual, None)[0][:, -1]
+            manual = torch.cat([manual, (lu + s * (lc - lu)).argmax(-1, keepdim=True)], 1)
+        assert torch.equal(toks, manual)
+    # scale 1 is plain conditional sampling, draw for draw; a large scale changes the samples
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    assert torch.equal(model.generate(c, cfg_scale=1.0, generator=g()), model.generate(c, generator=g()))
+    assert not torch.equal(model.generate(c, cfg_scale=8.0, generator=g()), model.generate(c, generator=g()))
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]]).repeat(500, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(gpt.sample_logits(logits, top_k=2, generator=g).tolist()) == {0, 1}
+    assert set(gpt.sample_logits(logits, top_p=0.5, generator=g).tolist()) == {0}  # p(0) = 0.71 >= 0.5
+    assert gpt.sample_logits(logits[:2], temperature=0).tolist() == [0, 0]
+
+
+def test_checkpoint_roundtrip_and_mfu_helpers(tmp_path):
+    model = tiny_gpt()
+    torch.save(model.checkpoint(step=3), tmp_path / "g.pt")
+    loaded = gpt.GPT.from_checkpoint(tmp_path / "g.pt")
+    x, c = torch.randint(0, 16, (2, 15)), torch.randn(2, 8)
+    assert torch.equal(loaded(x, c)[0], model(x, c)[0]) and not loaded.training
+    assert gpt.peak_flops("cpu") is None and gpt.estimate_mfu(1e6, 1e3, "cpu") is None
+    cfg = model.config  # 6N + 12 L C T, N without the lookup tables
+    n = model.num_params() - 16 * 32 - 16 * 32 - 32
+    assert model.flops_per_token() == 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert id(model.head.weight) in decayed and id(model.tok_emb.weight) not in decayed
+    assert id(model.null_cond) not in decayed and id(model.ln_f.weight) not in decayed
+
+
+# -----------------------------------------------------------------------------
+# train_gpt.py on a tiny VQGAN and a tiny CLIP (random weights: the plumbing is under test, not the quality)
+
+def make_frozen(path, seed=0):
+    torch.manual_seed(seed)
+    v = vq.VQGAN(vq.Config(**vq.PRESETS["tiny"]))
+    torch.save(v.checkpoint(), path / f"vq{seed}.pt")
+    c = clip.CLIP(clip.Config(embed_dim=8, image_resolution=32, vision_layers=[1, 1, 1, 1], vision_width=8,
+                              vision_patch_size=0, transformer_width=32, transformer_layers=1))
+    torch.save({"model": c.state_dict(), "config": asdict(c.config), "step": 0}, path / "clip.pt")
+    return str(path / f"vq{seed}.pt"), str(path / "clip.pt")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpt")
+    vq_path, clip_path = make_frozen(d)
+    args = train_gpt.parse_args(["--preset", "tiny", "--n-images", "48", "--vqgan", vq_path, "--clip", clip_path,
+                                 "--data-dir", str(d / "data"), "--flip", "--prepare-only"])
+    meta = train_gpt.main(args)
+    return d, vq_path, clip_path, meta
+
+
+def test_prepare_writes_files_and_refuses_a_mismatch(prepared):
+    import numpy as np
+    d, vq_path, clip_path, meta = prepared
+    tok, emb = np.load(d / "data" / "tokens.npy"), np.load(d / "data" / "clip_emb.npy")
+    assert tok.dtype == np.uint16 and tok.shape == (96, 64) and tok.max() < 64  # 48 images + flips, 8x8 grid
+    assert emb.dtype == np.float16 and emb.shape == (96, 8)
+    assert np.allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1, atol=2e-3)
+    assert meta["codebook_size"] == 64 and meta["grid"] == [8, 8] and meta["flip"] and meta["rows"] == 96
+    base = ["--preset", "tiny", "--n-images", "48", "--clip", clip_path, "--data-dir", str(d / "data"),
+            "--prepare-only"]
+    assert train_gpt.main(train_gpt.parse_args(base + ["--vqgan", vq_path, "--flip"])) == meta  # reused
+    other_vq, _ = make_frozen(d, seed=1)
+    with pytest.raises(SystemExit, match="vqgan_sha256"):
+        train_gpt.main(train_gpt.parse_args(base + ["--vqgan", other_vq, "--flip"]))
+    with pytest.raises(SystemExit, match="flip"):
+        train_gpt.main(train_gpt.parse_args(base + ["--vqgan", vq_path]))
+    with pytest.raises(SystemExit, match="n_images"):
+        train_gpt.main(train_gpt.parse_args(base + ["--vqgan", vq_path, "--flip", "--n-images", "40"]))
+
+
+def gpt_train_args(d, out, *extra):
+    return train_gpt.parse_args(["--preset", "tiny", "--data-dir", str(d / "data"), "--out", str(out),
+                                 "--eval-interval", "0", "--sample-interval", "0", "--log-interval", "100",
+                                 "--threads", "1",
+                                 *map(str, extra)])
+
+
+def test_resume_reproduces_the_next_steps(prepared):
+    d = prepared[0]
+    common = ["--max-steps", 8, "--dropout", 0.1, "--emb-noise", 0.5, "--eval-iters", 1]
+    train_gpt.main(gpt_train_args(d, d / "straight", *common))
+    train_gpt.main(gpt_train_args(d, d / "split", *common, "--stop-after", 4))
+    assert torch.load(d / "split" / "ckpt.pt", weights_only=True)["step"] == 4
+    train_gpt.main(gpt_train_args(d, d / "split", *common, "--resume"))
+    a = torch.load(d / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(d / "split" / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert not torch.equal(a["model"]["head.weight"], gpt.GPT(gpt.Config(**a["config"])).state_dict()["head.weight"])
+
+
+def test_toy_run_validation_loss_falls(prepared):
+    d = prepared[0]
+    res = train_gpt.main(gpt_train_args(d, d / "toy", "--max-steps", 60, "--eval-interval", 30, "--eval-iters", 2,
+                                    "--val-frac", 0.2, "--lr", 1e-2))
+    (s0, first), (s1, last) = res["history"][0], res["history"][-1]
+    assert s0 == 0 and s1 == 60
+    assert first["val"] > 0.95 * math.log(64) and last["val"] < 0.8 * first["val"], res["history"]
+    model = gpt.GPT.from_checkpoint(d / "toy" / "ckpt.pt")
+    assert model.generate(torch.randn(2, 8), top_k=10).shape == (2, 64)
+
+
+def test_lambda_emb_gradients_reach_only_the_gpt(prepared):
+    d, vq_path, clip_path, _ = prepared
+    import argparse
+    vqgan, clip_model, clip_mod = train_gpt.load_frozen(argparse.Namespace(vqgan=vq_path, clip=clip_path), "cpu")
+    model = gpt.GPT(gpt.make_config("tiny", vocab_size=64, block_size=64)).train()
+    x, e = torch.randint(0, 64, (2, 64)), torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    logits, _ = model(x[:, :-1], e, x)
+    loss = train_gpt.emb_reconstruction_loss(logits, e, vqgan, clip_model, clip_mod)
+    loss.backward()
+    assert 0 <= loss.item() <= 2
+    assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+    assert model.blocks[0].attn.c_attn.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in vqgan.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in clip_model.parameters())
+    assert not vqgan.training and not clip_model.training
+    # and the training loop runs with it
+    train_gpt.main(gpt_train_args(d, d / "lam", "--max-steps", 2, "--lambda-emb", 0.2, "--emb-rows", 1, "--eval-iters", 1))
+
+
+def test_two_process_ddp_on_cpu(prepared):
+    d = prepared[0]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_gpt.py"), "--preset", "tiny", "--data-dir", str(d / "data"), "--out", str(d / "ddp"),
+           "--max-steps", "4", "--eval-interval", "2", "--eval-iters", "1", "--sample-interval", "0",
+           "--log-interval", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    ckpt = torch.load(d / "ddp" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2  # both ranks' RNG states, for exact resume
+    assert "step 4 | loss" in r.stdout
+
+
+# =============================================================================
+# sample
+
+def tiny_checkpoints(folder, cond_dim=8, vocab=64, tokens=64, seed=0):
+    """A random ViT CLIP (8-d joint space), the 'tiny' VQGAN (32 px, 8x8 grid, 64 codes) and a GPT that fits them."""
+    torch.manual_seed(seed)
+    c = clip.CLIP(clip.Config(embed_dim=cond_dim, image_resolution=32, vision_layers=1, vision_width=16,
+                              vision_patch_size=8, transformer_width=16, transformer_layers=1))
+    v = vqgan.VQGAN(vqgan.Config(**vqgan.PRESETS["tiny"]))
+    g = gpt.GPT(gpt.make_config("tiny", vocab_size=vocab, block_size=tokens, cond_dim=cond_dim))
+    paths = {k: str(Path(folder) / f"{k}.pt") for k in ("clip", "vqgan", "gpt")}
+    torch.save({"model": c.state_dict(), "config": asdict(c.config), "step": 0}, paths["clip"])
+    torch.save(v.checkpoint(), paths["vqgan"])
+    torch.save(g.checkpoint(step=0), paths["gpt"])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    return tiny_checkpoints(tmp_path_factory.mktemp("ckpt"))
+
+
+def args_for(ckpts, out, *prompts, **overrides):
+    a = sample.get_parser().parse_args(list(prompts) + ["--out", str(out), "--device", "cpu"])
+    for k, v in {**ckpts, **overrides}.items():
+        setattr(a, k, v)
+    return a
+
+
+def test_main_writes_n_images_per_prompt_and_is_deterministic(ckpts, tmp_path):
+    a = args_for(ckpts, tmp_path / "a", "a red circle", "a blue square", n=3, candidates=5, seed=7, batch_size=4)
+    paths, scores = sample.main(a)
+    assert len(paths) == 6 and all(p.is_file() for p in paths) and (tmp_path / "a" / "grid.png").is_file()
+    assert scores.shape == (2, 3) and torch.all(scores[:, :-1] >= scores[:, 1:])  # best first
+    paths2, scores2 = sample.main(args_for(ckpts, tmp_path / "b", "a red circle", "a blue square",
+                                           n=3, candidates=5, seed=7, batch_size=4))
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in paths2]
+    assert torch.equal(scores, scores2)
+    paths3, _ = sample.main(args_for(ckpts, tmp_path / "c", "a red circle", "a blue square",
+                                     n=3, candidates=5, seed=8, batch_size=4))
+    assert [p.read_bytes() for p in paths] != [p.read_bytes() for p in paths3]
+
+
+def test_reranking_keeps_the_highest_scoring_candidates(ckpts):
+    models = sample.load_models(**ckpts)
+    cond = sample.text_embeddings(models, ["a red circle", "a green star"])
+    # all 6 candidates, unranked order is irrelevant: the kept 2 must be the top 2 of the 6 scores
+    every, every_scores = sample.generate(models, cond, n=6, candidates=6, seed=3, batch_size=4)
+    kept, kept_scores = sample.generate(models, cond, n=2, candidates=6, seed=3, batch_size=4)
+    assert kept.shape == (2, 2, 32, 32, 3) and kept.dtype == torch.uint8
+    assert torch.allclose(kept_scores, every_scores.topk(2, dim=1).values)
+    assert torch.equal(kept, every[:, :2])
+    # the score is the CLIP cosine of the kept image with the prompt
+    x = kept[0, 0].permute(2, 0, 1).float().div(127.5).sub(1)[None]
+    e = models.clip.encode_image(clip.preprocess_tensor(x, 32))
+    assert torch.allclose(torch.nn.functional.normalize(e, dim=-1) @ cond[0], kept_scores[0, 0], atol=2e-2)
+    floats, _ = sample.generate(models, cond[:1], n=1, candidates=2, seed=3, as_float=True)
+    assert floats.shape == (1, 1, 3, 32, 32) and 0 <= floats.min() and floats.max() <= 1
+
+
+def test_image_variations_and_prompt_file(ckpts, tmp_path):
+    from PIL import Image
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
+    a = args_for(ckpts, tmp_path / "o", n=1, candidates=2, image=[str(tmp_path / "red.png")],
+                 prompts=str(tmp_path / "prompts.txt"))
+    paths, scores = sample.main(a)
+    assert len(paths) == 3 and scores.shape == (3, 1)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(prompt=[" "]), "empty prompt"),
+    (dict(prompt=[]), "nothing to draw"),
+    (dict(top_p=0.0), "top-p"), (dict(top_p=1.5), "top-p"), (dict(temperature=0.0), "temperature"),
+    (dict(temperature=-1.0), "temperature"), (dict(n=0), "--n"), (dict(n=4, candidates=2), "candidates"),
+    (dict(cfg=-1.0), "cfg"), (dict(top_k=0), "top-k"), (dict(batch_size=0), "batch-size"),
+    (dict(image=["does/not/exist.png"]), "cannot read --image"),
+])
+def test_bad_input_is_refused(ckpts, tmp_path, overrides, message):
+    a = args_for(ckpts, tmp_path, "a red circle", **{"n": 1, "candidates": 1, **overrides})
+    with pytest.raises(ValueError, match=message):
+        sample.main(a)
+
+
+def test_unreadable_image_file_is_refused(ckpts, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match="cannot read --image"):
+        sample.main(args_for(ckpts, tmp_path, image=[str(tmp_path / "bad.png")]))
+
+
+def test_missing_prompts_file_is_refused(ckpts, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--prompts"):
+        sample.main(args_for(ckpts, tmp_path, prompts=str(tmp_path / "none.txt")))
+
+
+def test_long_prompt_is_truncated_with_a_warning(ckpts, tmp_path):
+    with pytest.warns(UserWarning, match="truncated"):
+        paths, _ = sample.main(args_for(ckpts, tmp_path, "a red circle " * 40, n=1, candidates=1))
+    assert len(paths) == 1
+
+
+def test_missing_checkpoint_names_its_maker(ckpts, tmp_path):
+    with pytest.raises(FileNotFoundError, match="train_gpt.py"):
+        sample.load_models(ckpts["clip"], ckpts["vqgan"], str(tmp_path / "nope.pt"))
+    with pytest.raises(FileNotFoundError, match="train_vqgan.py"):
+        sample.load_models(ckpts["clip"], str(tmp_path / "nope.pt"), ckpts["gpt"])
+    with pytest.raises(FileNotFoundError, match="train_clip.py"):
+        sample.load_models(str(tmp_path / "nope.pt"), ckpts["vqgan"], ckpts["gpt"])
+    if not all((ROOT / p).is_file() for p in sample.SHIPPED.values()):
+        with pytest.raises(FileNotFoundError, match="scripts/train_shapes.sh"):
+            sample.load_models()
+
+
+@pytest.mark.parametrize("kw, message", [(dict(vocab=32), "codebook"), (dict(tokens=16), "grid"),
+                                         (dict(cond_dim=16), "-d conditions")])
+def test_mismatched_checkpoints_are_refused(ckpts, tmp_path, kw, message):
+    other = tiny_checkpoints(tmp_path, **kw)
+    with pytest.raises(ValueError, match=message):
+        sample.load_models(ckpts["clip"], ckpts["vqgan"], other["gpt"])
+
+
+def test_gpt_trained_with_another_vqgan_file_is_refused(ckpts, tmp_path):
+    # same sizes, different weights: only the sha256 that train_gpt.py records in data_meta can tell
+    other = tiny_checkpoints(tmp_path, seed=1)
+    for name, vq_file in (("ok", ckpts["vqgan"]), ("bad", other["vqgan"])):
+        ck = torch.load(ckpts["gpt"], weights_only=True)
+        ck["data_meta"] = {"vqgan": vq_file, "vqgan_sha256": sample.fingerprint(vq_file),
+                           "clip": ckpts["clip"], "clip_sha256": sample.fingerprint(ckpts["clip"])}
+        torch.save(ck, tmp_path / f"gpt_{name}.pt")
+    sample.load_models(ckpts["clip"], ckpts["vqgan"], str(tmp_path / "gpt_ok.pt"))
+    with pytest.raises(ValueError, match="tokens were made with vqgan"):
+        sample.load_models(ckpts["clip"], ckpts["vqgan"], str(tmp_path / "gpt_bad.pt"))
+
+
+@pytest.mark.skipif(not all((ROOT / p).is_file() for p in sample.SHIPPED.values()),
+                    reason="checkpoints/shapes/*.pt not built yet: run scripts/train_shapes.sh")
+def test_shipped_checkpoints_make_images_deterministically(tmp_path):
+    a = sample.get_parser().parse_args(["a red circle on a blue background", "--n", "2", "--candidates", "4",
+                                        "--device", "cpu", "--out", str(tmp_path / "a")])
+    paths, scores = sample.main(a)
+    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    a.out = str(tmp_path / "b")
+    paths2, scores2 = sample.main(a)
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in paths2] and torch.equal(scores, scores2)
+
+
+# =============================================================================
+# evaluate
+
+# pytorch-fid's weight file, written down independently of evaluate.py (reference/metrics.md, section 4):
+# conv name -> [out, in, kh, kw]; each conv also has bn.weight/bias/running_mean/running_var of [out].
+def fid_layout():
+    convs = [("Conv2d_1a_3x3", [32, 3, 3, 3]), ("Conv2d_2a_3x3", [32, 32, 3, 3]), ("Conv2d_2b_3x3", [64, 32, 3, 3]),
+             ("Conv2d_3b_1x1", [80, 64, 1, 1]), ("Conv2d_4a_3x3", [192, 80, 3, 3])]
+    for m, cin, pf in (("5b", 192, 32), ("5c", 256, 64), ("5d", 288, 64)):
+        convs += [(f"Mixed_{m}.{n}", s) for n, s in [("branch1x1", [64, cin, 1, 1]), ("branch5x5_1", [48, cin, 1, 1]),
+                  ("branch5x5_2", [64, 48, 5, 5]), ("branch3x3dbl_1", [64, cin, 1, 1]),
+                  ("branch3x3dbl_2", [96, 64, 3, 3]), ("branch3x3dbl_3", [96, 96, 3, 3]), ("branch_pool", [pf, cin, 1, 1])]]
+    convs += [(f"Mixed_6a.{n}", s) for n, s in [("branch3x3", [384, 288, 3, 3]), ("branch3x3dbl_1", [64, 288, 1, 1]),
+              ("branch3x3dbl_2", [96, 64, 3, 3]), ("branch3x3dbl_3", [96, 96, 3, 3])]]
+    for m, c in (("6b", 128), ("6c", 160), ("6d", 160), ("6e", 192)):
+        convs += [(f"Mixed_{m}.{n}", s) for n, s in [
+            ("branch1x1", [192, 768, 1, 1]), ("branch7x7_1", [c, 768, 1, 1]), ("branch7x7_2", [c, c, 1, 7]),
+            ("branch7x7_3", [192, c, 7, 1]), ("branch7x7dbl_1", [c, 768, 1, 1]), ("branch7x7dbl_2", [c, c, 7, 1]),
+            ("branch7x7dbl_3", [c, c, 1, 7]), ("branch7x7dbl_4", [c, c, 7, 1]), ("branch7x7dbl_5", [192, c, 1, 7]),
+            ("branch_pool", [192, 768, 1, 1])]]
+    convs += [(f"Mixed_7a.{n}", s) for n, s in [
+        ("branch3x3_1", [192, 768, 1, 1]), ("branch3x3_2", [320, 192, 3, 3]), ("branch7x7x3_1", [192, 768, 1, 1]),
+        ("branch7x7x3_2", [192, 192, 1, 7]), ("branch7x7x3_3", [192, 192, 7, 1]), ("branch7x7x3_4", [192, 192, 3, 3])]]
+    for m, cin in (("7b", 1280), ("7c", 2048)):
+        convs += [(f"Mixed_{m}.{n}", s) for n, s in [
+            ("branch1x1", [320, cin, 1, 1]), ("branch3x3_1", [384, cin, 1, 1]), ("branch3x3_2a", [384, 384, 1, 3]),
+            ("branch3x3_2b", [384, 384, 3, 1]), ("branch3x3dbl_1", [448, cin, 1, 1]),
+            ("branch3x3dbl_2", [384, 448, 3, 3]), ("branch3x3dbl_3a", [384, 384, 1, 3]),
+            ("branch3x3dbl_3b", [384, 384, 3, 1]), ("branch_pool", [192, cin, 1, 1])]]
+    layout = {}
+    for name, shape in convs:
+        layout[f"{name}.conv.weight"] = shape
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            layout[f"{name}.bn.{k}"] = [shape[0]]
+    layout["fc.weight"], layout["fc.bias"] = [1008, 2048], [1008]
+    return layout
+
+
+def random_fid_weights(path, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in fid_layout().items():
+        if k.endswith("conv.weight"):  # He-scaled so activations stay O(1) through 94 convs with identity BN
+            v = torch.randn(shape, generator=g) * (2 / (shape[1] * shape[2] * shape[3])) ** 0.5
+        elif k.endswith("running_var") or k.endswith("bn.weight"):
+            v = torch.ones(shape)
+        else:
+            v = 0.01 * torch.randn(shape, generator=g)
+        sd[k] = v
+    torch.save(sd, path)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fid") / "pt_inception-2015-12-05-6726825d.pth"
+    return path, random_fid_weights(path)
+
+
+def test_layout_is_pytorch_fids_and_loads_strictly(weights):
+    path, sd = weights
+    assert len(sd) == 472 and sum(v.numel() for v in sd.values()) == 23_885_392  # the published file's counts
+    model = evaluate.load_inception(path)
+    for k, v in model.state_dict().items():
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(v, sd[k]), k
+    x = torch.rand(1, 3, 64, 48)  # any size: resized to 299 as pytorch-fid does
+    with torch.no_grad():
+        pool, logits = model(evaluate.fid_input(x))
+    assert pool.shape == (1, 2048) and logits.shape == (1, 1008) and torch.isfinite(pool).all()
+    torch.testing.assert_close(logits, pool @ sd["fc.weight"].T)  # bias-free logits, as torch-fidelity's IS
+
+
+def test_wrong_weight_files_are_refused(weights, tmp_path):
+    _, sd = weights
+    bad = dict(sd)
+    del bad["Mixed_7c.branch_pool.conv.weight"]
+    bad["AuxLogits.fc.weight"] = torch.zeros(1)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"Mixed_7c\.branch_pool\.conv\.weight.*AuxLogits\.fc\.weight"):
+        evaluate.load_inception(tmp_path / "bad.pth")
+    bad = dict(sd, **{"fc.weight": torch.zeros(1000, 2048)})
+    torch.save(bad, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match="fc.weight"):
+        evaluate.load_inception(tmp_path / "shape.pth")
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
+        evaluate.load_inception(tmp_path / "missing.pth")
+
+
+def test_frechet_distance_cases():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(500, 16))
+    mu, sigma = evaluate.stats(x)
+    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    a, b, m1, m2 = rng.uniform(0.5, 2, 5), rng.uniform(0.5, 2, 5), rng.normal(size=5), rng.normal(size=5)
+    exact = ((m1 - m2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()  # diagonal covariances: closed form
+    assert evaluate.frechet_distance(m1, np.diag(a), m2, np.diag(b)) == pytest.approx(exact, rel=1e-10)
+    u, v, mu2 = np.zeros(8), np.zeros(8), np.zeros(8)
+    u[0], v[1], mu2[2] = 6, 5, 31 ** 0.5  # orthogonal rank-1 covariances: a singular product, eps path; exact 92
+    fd = evaluate.frechet_distance(np.zeros(8), np.outer(u, u), mu2, np.outer(v, v))
+    assert np.isfinite(fd) and fd == pytest.approx(92, rel=1e-5)
+    with pytest.raises(ValueError, match="Imaginary component"):
+        evaluate.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match="shape"):
+        evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+def test_inception_score_extremes():
+    assert evaluate.inception_score(np.zeros((101, 1008)))[0] == pytest.approx(1.0, abs=1e-12)
+    onehot = 100.0 * np.eye(7)[np.arange(700) % 7]  # balanced classes, confident predictions
+    assert evaluate.inception_score(onehot, splits=1)[0] == pytest.approx(7.0, rel=1e-9)
+    mean, std = evaluate.inception_score(onehot, splits=10, shuffle=False)  # every split holds all 7 classes
+    assert mean == pytest.approx(7.0, rel=1e-9) and std < 1e-9
+
+
+def test_blur_zero_is_identity_and_inputs_at_299(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (299, 299, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    x = torch.from_numpy(img).permute(2, 0, 1).float()
+    plain, blurred = evaluate.InceptionFolder(tmp_path, blur=0, fidelity=True)[0], evaluate.InceptionFolder(tmp_path, 1)[0]
+    assert torch.equal(plain["image"], 2 * (x / 255) - 1)  # no blur, and both resizes are the identity at 299
+    assert torch.equal(plain["fidelity"], (x - 128) / 128)
+    assert not torch.equal(blurred["image"], plain["image"])
+
+
+def test_corrupt_image_skipped_and_counted_stats_and_fid(weights, tmp_path):
+    path, _ = weights
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        data.render(data.shape_attributes(0, i), 32).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    common = ["--inception", str(path), "--workers", "0"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = evaluate.main(evaluate.parse_args(["stats", str(folder), "--out", str(tmp_path / "s.npz")] + common))
+    assert out["n"] == 3 and any("broken.png" in str(w.message) for w in caught)
+    with np.load(tmp_path / "s.npz") as f:  # pytorch-fid's keys, float64
+        assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048) and f["sigma"].dtype == np.float64
+    with pytest.raises(FileExistsError):
+        evaluate.main(evaluate.parse_args(["stats", str(folder), "--out", str(tmp_path / "s.npz")] + common))
+
+
+def shapes_images(n=240, seed=5):
+    ds = data.Shapes(n, resolution=64, seed=seed)
+    items = [ds[i] for i in range(n)]
+    return (torch.stack([it["image"] for it in items]) + 1) / 2, items
+
+
+def test_colour_judge_is_exact_on_rendered_images():
+    x, items = shapes_images()
+    color, bg = evaluate.palette_analysis(x)
+    assert color.tolist() == [it["color"] for it in items] and bg.tolist() == [it["bg"] for it in items]
+    u8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1)  # (N, H, W, 3) uint8, as sample.generate returns
+    acc = evaluate.shapes_accuracy(u8, [it["color"] for it in items], [None] * len(items), judge=evaluate.shape_judge())
+    assert acc["color_acc"] == 1.0 and acc["n"] == len(items)
+    wrong = evaluate.shapes_accuracy(x, [(it["color"] + 1) % 8 for it in items], [None] * len(items),
+                                     judge=evaluate.shape_judge())
+    assert wrong["color_acc"] == 0.0
+
+
+def test_shape_judge_is_cached(tmp_path):
+    model, ckpt = evaluate.train_shape_judge(tmp_path / "judge.pt", n_train=64, steps=2, n_val=64)
+    again, ckpt2 = evaluate.load_shape_judge(tmp_path / "judge.pt")
+    x, _ = shapes_images(8)
+    with torch.no_grad():
+        m = evaluate.foreground_map(x, *evaluate.palette_analysis(x))
+        torch.testing.assert_close(model(m), again(m))
+    assert ckpt2["val_acc"] == ckpt["val_acc"] and ckpt2["config"]["shapes"] == data.SHAPES
+
+
+def test_clip_score_formula_with_a_stub_model():
+    class Stub(torch.nn.Module):  # image embedding = the image itself; text embedding = [1, 0, 0] or [-1, 0, 0]
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def encode_image(self, x):
+            return x.flatten(1)
+
+        def encode_text(self, tokens):
+            return torch.stack([torch.tensor([1.0, 0, 0]) if 2368 in t else torch.tensor([-1.0, 0, 0]) for t in tokens])
+    images = [torch.tensor([1.0, 1.0, 0]), torch.tensor([1.0, 0, 0])]
+    s = evaluate.clip_score(Stub(), lambda im: im, images, ["a photo of a cat", "a photo of a dog"])
+    np.testing.assert_allclose(s, [100 / 2 ** 0.5, 0.0], rtol=1e-6)  # cos 1/sqrt(2); cos -1 clamps to 0
+
+
+def test_clip_score_ranks_matching_captions_on_the_shapes_clip():
+    path = ROOT / "checkpoints" / "shapes" / "clip.pt"
+    if not path.is_file():
+        pytest.skip(f"{path} is not there yet (made by scripts/train_shapes.sh)")
+    import clip
+    model, preprocess = clip.load(str(path), device="cpu")
+    _, items = shapes_images(48, seed=11)
+    pil = [data.render(data.shape_attributes(11, i), 64) for i in range(48)]
+    right = [data.prompt(it["color"], it["shape"]) for it in items]
+    wrong = [data.prompt((it["color"] + 3) % 8, it["shape"]) for it in items]
+    good, bad = evaluate.clip_score(model, preprocess, pil, right), evaluate.clip_score(model, preprocess, pil, wrong)
+    assert good.mean() > bad.mean() + 5 and (good > bad).mean() > 0.9
+
+
+class StubSample:
+    """Stands in for sample.py: 'generates' the rendered image of the prompted colour and shape."""
+
+    @staticmethod
+    def load_models(**kw):
+        return "models"
+
+    @staticmethod
+    def text_embeddings(models, prompts):
+        return list(prompts)
+
+    @staticmethod
+    def generate(models, cond, n=1, seed=0, **kw):
+        out = []
+        for i, text in enumerate(cond):
+            words = text.split()
+            color = next((data.COLOR_NAMES.index(w) for w in words if w in data.COLORS), 0)
+            shape = next((data.SHAPES.index(w) for w in words if w in data.SHAPES), 0)
+            a = dict(data.shape_attributes(seed, i), color=color, shape=shape, bg=(color + 1) % 8)
+            out.append([np.asarray(data.render(a, 64))] * n)
+        return np.array(out, dtype=np.uint8), np.zeros((len(cond), n))
+
+
+def test_shapes_command_with_a_stub_generator(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sample", StubSample)
+    evaluate.train_shape_judge(tmp_path / "judge.pt", n_train=64, steps=2, n_val=64)
+    out = evaluate.main(evaluate.parse_args(["shapes", "--n", "2", "--judge", str(tmp_path / "judge.pt")]))
+    assert out["n"] == 96 and out["color_acc"] == 1.0 and 0 <= out["shape_acc"] <= 1
+    assert "temperature=1.0" in capsys.readouterr().out
+
+
+def test_coco_command_with_stubs(weights, tmp_path, monkeypatch, capsys):
+    path, _ = weights
+    monkeypatch.setitem(sys.modules, "sample", StubSample)
+    import clip
+    monkeypatch.setattr(clip, "load", lambda name, device=None: (torch.nn.Linear(1, 1), lambda im: torch.ones(3)))
+    ref = tmp_path / "ref.npz"  # reference statistics with our FID-1 keys beside pytorch-fid's
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048), mu_blur1=np.ones(2048), sigma_blur1=np.eye(2048))
+    (tmp_path / "caps.txt").write_text("a red circle\na blue square\n")
+    args = evaluate.parse_args(["coco", "--captions", str(tmp_path / "caps.txt"), "--ref-stats", str(ref), "--blur", "0",
+                                "1", "--inception", str(path), "--workers", "0", "--out", str(tmp_path / "o"), "--json"])
+    monkeypatch.setattr(evaluate, "clip_score", lambda m, p, images, caps: np.full(len(images), 30.0))
+    pairs = []  # a 2048x2048 sqrtm costs ~10 s on 2 cores; the distance itself is tested above and cross-checked
+    small = lambda x: torch.nn.functional.interpolate(x, size=(96, 96))  # plumbing test: ~10x cheaper Inception
+    monkeypatch.setattr(evaluate, "fid_input", lambda x: 2 * small(x) - 1)
+    monkeypatch.setattr(evaluate, "fidelity_input", lambda x: (small(x) - 128) / 128)
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda m1, s1, m2, s2: pairs.append((m1, s2)) or 1.0)
+    out = evaluate.main(args)
+    assert sorted(out) == ["clip_score", "fid0", "fid1", "is", "is_std"] and out["clip_score"] == 30.0
+    assert len(pairs) == 2 and pairs[0][0].shape == (2048,) and np.array_equal(pairs[1][1], np.eye(2048))
+    assert len(list((tmp_path / "o" / "images").glob("*.png"))) == 2
+    text = capsys.readouterr().out
+    assert "fewer than the 2048" in text and '"candidates": 1' in text and '"count": 2' in text
+
+
+# =============================================================================
+# bench
+
+def test_quick_gpt_stages_figures_and_json(tmp_path, capsys):
+    out_file = tmp_path / "bench.json"
+    # one thread: on a shared 2-core machine tiny ops are far faster without OpenMP hand-offs
+    args = bench.get_parser().parse_args(["gpt-train", "gpt-sample", "--device", "cpu", "--quick", "--threads", "1",
+                                          "--json", str(out_file)])
+    result = bench.main(args)
+    printed = capsys.readouterr().out
+    saved = json.loads(out_file.read_text())
+    assert saved == json.loads(json.dumps(result))  # the file holds exactly what main returned
+    rows = saved["figures"]
+    assert {r["stage"] for r in rows} == {"gpt-train", "gpt-sample"}
+    speed = [r for r in rows if r["unit"] in ("tok/s", "x")]
+    assert len(speed) >= 4 and all(r["median"] > 0 and r["min"] <= r["median"] <= r["max"] for r in speed)
+    mem = [r for r in rows if r["unit"] == "MiB"]
+    assert len(mem) == 2 and all(r["median"] > 0 for r in mem)
+    mfu = next(r for r in rows if r["what"] == "MFU")
+    assert mfu["median"] is None and "n/a" in mfu["note"]  # no CPU peak: MFU is n/a, never a made-up number
+    assert all(r["note"].startswith("tokens identical: True") for r in rows if r["what"] == "KV-cache speed-up")
+    for r in speed:  # one aligned table line per figure
+        assert any(line.startswith(r["stage"]) and r["unit"] in line for line in printed.splitlines())
+    assert saved["meta"]["device"] == "cpu" and saved["meta"]["threads"] == 1
+
+
+def test_json_to_stdout_and_bad_stage(capsys):
+    result = bench.main(bench.get_parser().parse_args(["vqgan", "--device", "cpu", "--quick", "--threads", "1",
+                                                       "--json"]))
+    parsed = json.loads(capsys.readouterr().out)  # only JSON on stdout, no table
+    assert [r["what"] for r in parsed["figures"]] == ["encode", "decode", "peak memory (RSS)"]
+    assert all(r["median"] > 0 for r in result["figures"])
+    with pytest.raises(SystemExit, match="unknown stage"):
+        bench.main(bench.get_parser().parse_args(["gpt", "--quick"]))
