@@ -31,7 +31,7 @@ COLOR_NAMES = list(COLORS)
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond"]  # drawn upright: a diamond is not a square
 SIZES = ["small", "large"]
 RADIUS = {"small": (0.17, 0.23), "large": (0.28, 0.36)}  # half-extent as a fraction of the side; small stays >~10 px
-                                                          # at 64 px so a stride-8 tokenizer still sees its outline
+                                                          # at 64 px, so a small shape keeps its outline at 32 px too
 
 
 def shape_attributes(seed, index):

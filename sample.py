@@ -158,7 +158,7 @@ def generate(models, cond, n=1, candidates=None, texts_for_ranking=None, tempera
 def labelled_grid(images, scores, labels, cell=128):
     """uint8 (N, n, H, W, 3) -> one PIL grid: a row per prompt under its label, each image over its CLIP score."""
     N, n, H, W, _ = images.shape
-    s = max(1, cell // W)  # nearest-neighbour upscale, so 64-px shapes are visible and stay crisp
+    s = max(1, cell // W)  # nearest-neighbour upscale, so small (32-px) shapes are visible and stay crisp
     w, h, pad, line = W * s, H * s, 4, 12
     text_w = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t)) for t in labels)
     grid = Image.new("RGB", (max(n * (w + pad), text_w + pad) + pad, N * (line + h + line + pad) + pad), "white")

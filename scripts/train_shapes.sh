@@ -6,7 +6,7 @@
 #   scripts/train_shapes.sh --quick   # a few steps per stage into out/shapes_quick/: checks the chain (5-9 min on a busy CPU)
 #
 # Stage 1  train_clip.py   shapes images + captions -> a small CLIP (the only stage that reads captions)
-# Stage 2  train_vqgan.py  shapes images -> the f8 tokenizer: 64 px <-> 8x8 tokens
+# Stage 2  train_vqgan.py  shapes images -> the f4 tokenizer: 32 px <-> 8x8 tokens
 # Stage 3  train_gpt.py    encode 20k images once with the *shipped* CLIP and VQGAN files (tokens.npy, clip_emb.npy),
 #                          then learn p(tokens | CLIP image embedding): language-free, as in the paper
 # Stage 4  evaluate.py     shapes accuracy of text-prompted samples (every colour x shape prompt, 8 images each)
