@@ -432,7 +432,7 @@ def download(url, root, sha256=None, filename=None):
     if os.path.exists(target) and not os.path.isfile(target):
         raise RuntimeError(f"{target} exists and is not a regular file; remove it")
     if os.path.isfile(target):
-        if sha256 is None or _file_sha256(target) == sha256:
+        if sha256 is None or file_sha256(target) == sha256:
             return target
         warnings.warn(f"{target} exists but its SHA256 does not match {sha256}; downloading it again")
     fd, tmp = tempfile.mkstemp(dir=root, prefix=os.path.basename(target) + ".", suffix=".part")
@@ -458,7 +458,8 @@ def download(url, root, sha256=None, filename=None):
     return target
 
 
-def _file_sha256(path):
+def file_sha256(path):
+    """SHA256 hex digest of a file, read in 1 MB chunks (also how train_gpt.py fingerprints checkpoints)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

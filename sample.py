@@ -11,7 +11,6 @@ and drawn into one labelled grid. `--image` conditions on an image's embedding i
 evaluate.py imports load_models, text_embeddings, image_embeddings and generate from here.
 """
 import argparse
-import hashlib
 import re
 import warnings
 from collections import namedtuple
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 import clip as clip_lib
 from gpt import GPT
+from train_gpt import fingerprint  # the sha256 that train_gpt.py records for the CLIP and VQGAN files
 from vqgan import VQGAN
 
 ROOT = Path(__file__).resolve().parent
@@ -44,13 +44,6 @@ def find_checkpoint(kind, path):
             return str(p)
     maker = "scripts/train_shapes.sh" if path == SHIPPED[kind] else f"train_{kind}.py"
     raise FileNotFoundError(f"{kind} checkpoint {path} not found: make it with {maker}, or pass --{kind} PATH")
-
-
-def fingerprint(path):  # as train_gpt.py records it: a file's sha256; an OpenAI model name stays itself
-    if not Path(path).is_file():
-        return path
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_models(clip=SHIPPED["clip"], vqgan=SHIPPED["vqgan"], gpt=SHIPPED["gpt"], device="cpu", dtype=None):

@@ -111,15 +111,9 @@ def parse_args(argv=None):
 # prepare: one pass over the centre crops through the VQGAN and CLIP
 
 def fingerprint(path):
-    """sha256 of a checkpoint file (chunked; a few seconds for a GB); a bare name (e.g. 'ViT-B/32') stays itself."""
-    path = Path(path)
-    if not path.is_file():
-        return str(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """A checkpoint file's sha256 (clip.file_sha256); a bare model name (e.g. 'ViT-B/32') stays itself."""
+    import clip
+    return clip.file_sha256(path) if Path(path).is_file() else str(path)
 
 
 def image_list_id(ds):
