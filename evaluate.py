@@ -14,7 +14,6 @@ The numbers follow the trusted tools exactly (see the README, "Evaluation"):
 """
 import argparse
 import csv
-import hashlib
 import json
 import os
 import random
@@ -171,13 +170,13 @@ def load_inception(path=None, device="cpu"):
         raise FileNotFoundError(f"--inception {path} does not exist; download {FID_WEIGHTS_URL} there")
     if found is None:
         try:
-            import clip  # only for its verified, atomic downloader
+            import clip  # only for its verified, atomic downloader and file hash
             found = Path(clip.download(FID_WEIGHTS_URL, str(CACHE)))
         except Exception as e:
             raise FileNotFoundError(
                 f"FID Inception weights not found (looked in {', '.join(map(str, candidates))}) and the download "
                 f"failed ({type(e).__name__}: {e}); download {FID_WEIGHTS_URL} into {CACHE} or pass --inception FILE")
-        digest = hashlib.sha256(found.read_bytes()).hexdigest()
+        digest = clip.file_sha256(found)  # chunked: the file is ~95 MB
         if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
             found.unlink()
             raise RuntimeError(f"{name} has SHA256 {digest}, not {FID_WEIGHTS_SHA256_PREFIX}...: "
