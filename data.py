@@ -3,8 +3,8 @@
 Two worlds (see README):
 - real images: an ImageNet-style tree (`train/<class>/*.JPEG`, `val/<class>/*.JPEG`) or any folder of images, nested
   or flat. Corrupt files are skipped with a warning and counted, never fatal.
-- the procedural `shapes` world: one coloured shape on a plain background, deterministic from (seed, index), with a
-  caption and its attribute labels. It lets the whole method train on a CPU in minutes.
+- the procedural `shapes` world: one coloured shape, centred, on a plain background, deterministic from (seed, index),
+  with a caption and its attribute labels. It lets the whole method train on a CPU in minutes.
 
 Every item is a dict: `image` (3, R, R) float in [-1, 1], `index`, `caption` ("" for folders), `label` (class index
 for ImageNet-style trees, else -1); shapes items also carry `color`, `shape`, `size`, `bg` indices.
@@ -34,8 +34,13 @@ RADIUS = {"small": (0.17, 0.23), "large": (0.28, 0.36)}  # half-extent as a frac
                                                           # at 64 px, so a small shape keeps its outline at 32 px too
 
 
-def shape_attributes(seed, index):
-    """The (deterministic) attributes of shapes image `index` of the world `seed`."""
+def shape_attributes(seed, index, centred=True):
+    """The (deterministic) attributes of shapes image `index` of the world `seed`.
+
+    centred=True, the world everything trains on: the shape sits in the middle at its size's mean radius, so there are
+    8 x 7 x 6 x 2 = 672 distinct images. With a random position and radius (centred=False), a 1M-parameter GPT trained
+    for 10 CPU minutes drew blobs: shape 0.31 even when conditioned on the images' own CLIP embeddings, 0.90 centred
+    (README, "The shapes world"). centred=False is kept for the shape judge, which must see shapes anywhere."""
     rng = np.random.default_rng([seed, index])
     color = int(rng.integers(len(COLORS)))
     bg = int(rng.integers(len(COLORS) - 1))
@@ -43,6 +48,8 @@ def shape_attributes(seed, index):
     size = int(rng.integers(len(SIZES)))
     r = float(rng.uniform(*RADIUS[SIZES[size]]))
     cx, cy = rng.uniform(r, 1 - r, size=2)
+    if centred:  # drawn all the same, so colour, shape and caption of image i do not depend on the layout
+        r, cx, cy = sum(RADIUS[SIZES[size]]) / 2, 0.5, 0.5
     drop_size, drop_bg = rng.random(2) < 0.5  # caption variants, so "a red circle" is in distribution
     return dict(color=color, shape=int(rng.integers(len(SHAPES))), size=size, bg=bg, r=r, cx=float(cx), cy=float(cy),
                 drop_size=bool(drop_size), drop_bg=bool(drop_bg))
@@ -108,14 +115,14 @@ def to_tensor(img):
 class Shapes(Dataset):
     """n procedural images of the world `seed`; the validation split is another world (seed + 1_000_003)."""
 
-    def __init__(self, n=50_000, resolution=64, seed=0, train=True):
-        self.n, self.resolution, self.seed, self.train = n, resolution, seed, train
+    def __init__(self, n=50_000, resolution=64, seed=0, train=True, centred=True):
+        self.n, self.resolution, self.seed, self.train, self.centred = n, resolution, seed, train, centred
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, index):
-        a = shape_attributes(self.seed, index)
+        a = shape_attributes(self.seed, index, self.centred)
         # no flip augmentation: every shape here is left-right symmetric, a flip only moves it
         return dict(image=to_tensor(render(a, self.resolution)), index=index, caption=caption(a), label=-1,
                     color=a["color"], shape=a["shape"], size=a["size"], bg=a["bg"])

@@ -406,7 +406,7 @@ def degrade(x, g):
 
 def shapes_set(n, seed, g):
     """n procedural images -> judge inputs of the clean and of a degraded copy (2n, 1, 64, 64), shape labels (2n,)."""
-    ds = data.Shapes(n, resolution=JUDGE_RES, seed=seed)
+    ds = data.Shapes(n, resolution=JUDGE_RES, seed=seed, centred=False)  # shapes anywhere, any radius
     items = [ds[i] for i in range(n)]
     x = (torch.stack([it["image"] for it in items]) + 1) / 2  # (n, 3, 64, 64) in [0, 1]
     color, bg = (torch.tensor([it[k] for it in items]) for k in ("color", "bg"))

@@ -66,6 +66,18 @@ def test_shapes_pixels_are_exactly_the_palette():
         assert colours == {data.COLORS[data.COLOR_NAMES[item["color"]]], data.COLORS[data.COLOR_NAMES[item["bg"]]]}
 
 
+def test_shapes_world_is_centred_and_the_judge_world_is_not():
+    centred = [data.shape_attributes(0, i) for i in range(200)]
+    anywhere = [data.shape_attributes(0, i, centred=False) for i in range(200)]
+    assert {(a["cx"], a["cy"]) for a in centred} == {(0.5, 0.5)}
+    assert {round(a["r"], 6) for a in centred} == {round(sum(r) / 2, 6) for r in data.RADIUS.values()}
+    assert len({(a["cx"], a["cy"]) for a in anywhere}) == 200
+    # the layout changes only where the shape is drawn: colours, shape and caption are the same
+    keys = ("color", "bg", "shape", "size", "drop_size", "drop_bg")
+    assert all({k: a[k] for k in keys} == {k: b[k] for k in keys} for a, b in zip(centred, anywhere))
+    assert data.Shapes(4, resolution=32, centred=False)[1]["image"].shape == (3, 32, 32)
+
+
 def test_shapes_render_at_any_resolution():
     a = data.shape_attributes(0, 3)
     assert data.render(a, 32).size == (32, 32) and data.render(a, 256).size == (256, 256)

@@ -41,7 +41,7 @@ PRESETS = {
     # colours need no texture loss. GAN off (disc_start past the end): L1 already gives sharp flat-colour edges, and D
     # would cost a third more CPU. Usage is kept up by the preset's l2-normalised 16-d codes and dead-code restarts.
     # lr 1e-3 at batch 16 (without normalisation, 2e-3 diverged).
-    "shapes": dict(model="shapes", resolution=32, batch_size=16, base_lr=6.25e-5, max_steps=2200, disc_start=10**9,
+    "shapes": dict(model="shapes", resolution=32, batch_size=16, base_lr=6.25e-5, max_steps=1500, disc_start=10**9,
                    disc_weight=0.75, disc_layers=2, perceptual_weight=0.0, log_interval=50, eval_interval=250,
                    eval_images=512, workers=0),
 }

@@ -52,7 +52,8 @@ PRESETS = {
     # quarter per image, each token covering a 4x4 patch. No GroupNorm (norm_groups=0): per-image normalisation erases
     # the absolute colour of flat images; with it, reconstructions kept the outlines but collapsed to two colours
     # (L1 0.40 after 400 steps), without it the same run reached 0.28 after 100. Attention only in the mid block;
-    # 512 l2-normalised 16-d codes (ViT-VQGAN's low-dim cosine lookup) with restarts every 10 steps.
+    # 512 l2-normalised 16-d codes (ViT-VQGAN's low-dim cosine lookup) with restarts every 10 steps. Restarts buy
+    # usage with near-duplicate codes (without them: 137 of 512 used, same L1), which did not limit the GPT (README).
     "shapes": dict(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), norm_groups=0,
                    z_channels=64, n_embed=512, embed_dim=16, legacy=False, l2_norm=True, restart_every=10),
     # the smallest thing that exercises every code path (attention at 8 px included), for tests

@@ -9,7 +9,8 @@
 # Stage 2  train_vqgan.py  shapes images -> the f4 tokenizer: 32 px <-> 8x8 tokens
 # Stage 3  train_gpt.py    encode 20k images once with the *shipped* CLIP and VQGAN files (tokens.npy, clip_emb.npy),
 #                          then learn p(tokens | CLIP image embedding): language-free, as in the paper
-# Stage 4  evaluate.py     shapes accuracy of text-prompted samples (every colour x shape prompt, 8 images each)
+# Stage 4  evaluate.py     shapes accuracy of text-prompted samples (every colour x shape prompt, 8 images each),
+#                          raw and re-ranked (best 8 of 32 by CLIP score, temperature 0.7)
 # Working files (logs, resumable checkpoints, token files) go to $OUT; the shipped files to $DEST.
 # THREADS=1 scripts/train_shapes.sh: one torch thread per stage, much faster when other jobs share the CPU (idle
 # intra-op threads spin-wait); the 30-minute budget is for an otherwise idle 2-core machine and torch's default.
@@ -70,6 +71,9 @@ ls -l "$DEST"
 du -ch "$DEST"/*.pt | tail -1
 stage eval python evaluate.py shapes --clip "$DEST/clip.pt" --vqgan "$DEST/vqgan.pt" --gpt "$DEST/gpt.pt" \
   "${EVAL_QUICK[@]}"
+# the headline figure: the best 8 of 32 candidates by CLIP score, temperature 0.7
+stage eval_ranked python evaluate.py shapes --clip "$DEST/clip.pt" --vqgan "$DEST/vqgan.pt" --gpt "$DEST/gpt.pt" \
+  --candidates 32 --temperature 0.7 "${EVAL_QUICK[@]}"
 try="python sample.py \"a red circle on a blue background\""
 [[ "$DEST" == checkpoints/shapes ]] || try+=" --clip $DEST/clip.pt --vqgan $DEST/vqgan.pt --gpt $DEST/gpt.pt"
 echo "== all stages done in $SECONDS s; try: $try"
