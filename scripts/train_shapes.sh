@@ -69,11 +69,10 @@ stage gpt python train_gpt.py --preset shapes --vqgan "$DEST/vqgan.pt" --clip "$
 half "$OUT/gpt/ckpt.pt" "$DEST/gpt.pt" data_meta
 ls -l "$DEST"
 du -ch "$DEST"/*.pt | tail -1
-stage eval python evaluate.py shapes --clip "$DEST/clip.pt" --vqgan "$DEST/vqgan.pt" --gpt "$DEST/gpt.pt" \
-  "${EVAL_QUICK[@]}"
+MODELS=(--clip "$DEST/clip.pt" --vqgan "$DEST/vqgan.pt" --gpt "$DEST/gpt.pt")
+stage eval python evaluate.py shapes "${MODELS[@]}" "${EVAL_QUICK[@]}"
 # the headline figure: the best 8 of 32 candidates by CLIP score, temperature 0.7
-stage eval_ranked python evaluate.py shapes --clip "$DEST/clip.pt" --vqgan "$DEST/vqgan.pt" --gpt "$DEST/gpt.pt" \
-  --candidates 32 --temperature 0.7 "${EVAL_QUICK[@]}"
+stage eval_ranked python evaluate.py shapes "${MODELS[@]}" --candidates 32 --temperature 0.7 "${EVAL_QUICK[@]}"
 try="python sample.py \"a red circle on a blue background\""
 [[ "$DEST" == checkpoints/shapes ]] || try+=" --clip $DEST/clip.pt --vqgan $DEST/vqgan.pt --gpt $DEST/gpt.pt"
 echo "== all stages done in $SECONDS s; try: $try"
