@@ -1,4 +1,4 @@
-"""Datasets for clipgen, shared by the trainers and evaluate.py, plus the little plumbing they share.
+"""Datasets for clipgen, shared by the trainers and evaluate.py, plus the plumbing every script shares.
 
 Two worlds (see README):
 - real images: an ImageNet-style tree (`train/<class>/*.JPEG`, `val/<class>/*.JPEG`) or any folder of images, nested
@@ -9,16 +9,27 @@ Two worlds (see README):
 Every item is a dict: `image` (3, R, R) float in [-1, 1], `index`, `caption` ("" for folders), `label` (class index
 for ImageNet-style trees, else -1); shapes items also carry `color`, `shape`, `size`, `bg` indices.
 """
+import argparse
+import contextlib
+import hashlib
+import http.client
+import math
 import os
+import pickle
 import random
+import re
+import sys
+import urllib.request
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # the shapes world
@@ -168,9 +179,7 @@ class ImageFolder(Dataset):
     def __getitem__(self, index):
         path = self.files[index]
         try:
-            with Image.open(path) as img:
-                img.load()  # decode fully here, so a truncated file fails now rather than in the resize
-                img = img.convert("RGB")
+            img = open_image(path)  # decoded fully here, so a truncated file fails now rather than in the resize
         except Exception as e:  # PIL raises many types for bad files; any of them means "skip this one"
             warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
             return None
@@ -222,7 +231,255 @@ def make_loader(dataset, batch_size, train, workers=None, sampler=None, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# plumbing shared by the trainers
+# plumbing shared by every script: errors, flags, devices, files, checkpoints, RNG, distributed set-up
+
+CACHE = Path(os.environ.get("CLIPGEN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+             / "clipgen")  # downloaded weights (LPIPS, FID Inception, HFAiLab's release) and the shape judge
+
+
+class UserError(Exception):
+    """Something the user can fix. The message reads '<what is wrong> — <what to do>'; scripts print it as one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults in --help and one-line errors: 'prog: error: argument --cfg: ... — see prog --help'."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} — see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def cli(main, parser, argv=None):
+    """Parse the flags and run main(args); a UserError becomes one line on stderr and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except UserError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def num(kind=float, lo=None, hi=None, lo_open=False):
+    """An argparse type: a finite int or float in [lo, hi] ((lo, hi] with lo_open); inf, nan and overflow refused."""
+    def parse(text):
+        try:
+            x = kind(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
+        if kind is int and abs(x) >= 2 ** 63:
+            raise argparse.ArgumentTypeError(f"{text} is too large: integers here are at most 2**63 - 1")
+        if not math.isfinite(x) or (lo is not None and (x <= lo if lo_open else x < lo)) or (hi is not None and x > hi):
+            bounds = " and ".join(b for b in (lo is not None and f"{'>' if lo_open else '>='} {lo}",
+                                              hi is not None and f"<= {hi}") if b) or "finite"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {bounds}")
+        return x
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def pick_device(name=None):
+    """'cpu', 'cuda', 'cuda:1', 'mps', or None for the best there is -> torch.device, or a UserError naming --device."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: unknown device — use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                        f"{'no GPU found' if torch.backends.cuda.is_built() else 'a CPU-only build'}) — use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s) — use cuda:0 .. "
+                        f"cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here — use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: clipgen runs on cpu, cuda or mps — use one of those")
+    return device
+
+
+def progress(iterable=None, **kwargs):
+    """tqdm on a terminal; nothing at all when stderr is a file (a log then holds the scripts' own lines, not \\r)."""
+    return tqdm(iterable, disable=None, dynamic_ncols=True, **kwargs)
+
+
+def open_image(path):
+    """Any image file -> RGB PIL image, decoded faithfully (pixel values, not just 'no crash').
+
+    EXIF orientation applied; animations give their first frame; 16/32-bit integer greyscale is scaled from its
+    bit depth and float greyscale from [0, 1] (convert('RGB') would clip both at 255); transparency (RGBA, LA,
+    palette with a transparent colour) is composited on white, as a viewer shows it; CMYK, 1-bit, YCbCr via PIL.
+    Raises whatever PIL raises for a file that is not a readable image.
+    """
+    with Image.open(path) as img:
+        img.seek(0)
+        img = ImageOps.exif_transpose(img)  # a decoded copy, upright
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        # 16-bit files decode as I;16 or as I (values < 65536); a wider I image is scaled by its own maximum
+        top = 1.0 if img.mode == "F" else 65535.0 if img.mode.startswith("I;16") or a.max() < 65536 else a.max()
+        a = np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
+    return img.convert("RGB")
+
+
+def file_sha256(path):
+    """SHA256 hex digest of a file, read in 1 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, path, sha256=None):
+    """url -> path, atomically (temp file + rename) with a progress bar; sha256 checked when given. Returns path.
+
+    A failed or interrupted download, or a wrong hash, leaves no file behind and raises a UserError that says
+    where to put the file by hand.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        hasher = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=60) as src, open(tmp, "wb") as out:
+            total = int(src.headers.get("Content-Length") or 0) or None
+            with progress(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name) as bar:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+                    hasher.update(chunk)
+                    bar.update(len(chunk))
+        if sha256 is not None and hasher.hexdigest() != sha256:
+            raise UserError(f"{url} arrived with SHA256 {hasher.hexdigest()[:16]}..., expected {sha256[:16]}... "
+                            f"(interrupted or altered download) — run again, or put a verified copy at {path}")
+        os.replace(tmp, path)
+    except (OSError, http.client.HTTPException, ValueError) as e:  # URLError is an OSError; ValueError: a bad URL
+        raise UserError(f"cannot download {url} ({e}) — without a network, fetch it elsewhere and put it at "
+                        f"{path}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(folder):
+    """Delete the temp files of checkpoint writes that a killed process left in `folder`; returns how many."""
+    stale = list(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+def half_state_dict(sd):
+    """fp16 copy of a state dict's floating tensors (what ships and what inference reads; ~3 significant digits)."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+# What a checkpoint holds, told from its keys: (kind, what it is). kind is the flag it belongs to (clip, vqgan, gpt) or
+# None. Containers: ours {"model", "config", "step"}, HFAiLab's {"model", "epoch"}, taming's {"state_dict"}, bare.
+def describe_checkpoint(obj):
+    if not isinstance(obj, dict):
+        return None, f"a pickled {type(obj).__name__}, not a dict of tensors"
+    sd, maker = obj, "a state dict"
+    if isinstance(obj.get("model"), dict):
+        sd, maker = obj["model"], "a clipgen checkpoint" if "config" in obj else "HFAiLab's release layout"
+    elif isinstance(obj.get("state_dict"), dict):
+        sd, maker = obj["state_dict"], "a taming-transformers checkpoint"
+    keys = {k.removeprefix("_orig_mod.").removeprefix("module.").removeprefix("first_stage_model.") for k in map(str, sd)}
+    has = lambda *names: any(k.startswith(names) for k in keys)
+    if "text_projection" in keys:
+        return "clip", f"a CLIP model ({maker})"
+    if has("encoder.conv_in.", "encoder.down.") and has("decoder."):
+        return "vqgan", f"a VQGAN ({maker})"
+    if "tok_emb.weight" in keys and has("blocks."):
+        return "gpt", f"a GPT ({maker}{', no null condition' if 'null_cond' not in keys else ''})"
+    if has("features.") and has("classifier."):
+        return None, "torchvision VGG weights"
+    if has("lin0.", "net.lin0."):
+        return None, "LPIPS linear-layer weights"
+    if has("Conv2d_1a_3x3."):
+        return None, "Inception weights (FID)"
+    return None, f"{maker} with keys {sorted(keys)[:5]}{' ...' if len(keys) > 5 else ''}"
+
+
+def _first_keys(text, label):
+    """The quoted keys after `label` in torch's load_state_dict error."""
+    m = re.search(label + r"[^:]*: (.*?)\.\s*(?:\n|$)", text)
+    return re.findall(r'"([^"]+)"', m.group(1)) if m else []
+
+
+def explain_load_error(path, e, kind):
+    """One line for a load failure the file explains, or None (a genuine bug: let the traceback show)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not zipfile.is_zipfile(path):
+        if head.startswith(b"PK"):
+            return f"{path} is truncated or corrupt (an incomplete zip archive) — download or write it again"
+        if not head.startswith(b"\x80"):  # a legacy (pre-1.6) torch file is a bare pickle
+            return f"{path} is not a PyTorch checkpoint (it starts with {head[:4]!r}) — pass the .pt/.ckpt file"
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        return (f"{path} holds pickled Python code ({found.group(1) if found else 'an object'}) that clipgen never runs "
+                f"— load it where it was made and save its tensors alone: torch.save(model.state_dict(), path)")
+    name = {"gpt": "GPT", "vqgan": "VQGAN", "clip": "CLIP"}.get(kind, kind)
+    try:
+        found, what = describe_checkpoint(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    except Exception:  # unreadable as a plain checkpoint (e.g. a TorchScript archive): judge by the error alone
+        found, what = kind, None
+    if found != kind:
+        return f"{path} is {what}, not a {name} checkpoint — {f'pass it as --{found}' if found else f'pass a {name} file'}"
+    if isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in str(e):
+        parts = []
+        for label, words in (("Missing key", "missing"), ("Unexpected key", "unexpected")):
+            if keys := _first_keys(str(e), label):
+                parts.append(f"{len(keys)} {words} ({', '.join(keys[:10])}{', ...' if len(keys) > 10 else ''})")
+        if shapes := re.findall(r"size mismatch for ([^:]+):", str(e)):
+            parts.append(f"{len(shapes)} of another shape ({', '.join(shapes[:10])}{', ...' if len(shapes) > 10 else ''})")
+        return f"{path} does not fit the {name} it describes: {'; '.join(parts) or str(e)[:300]} — is it complete?"
+    return None
+
+
+@contextlib.contextmanager
+def loading(path, kind):
+    """Run a model file's loader; a failure that the file at `path` explains becomes one UserError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'} — pass the {kind} checkpoint file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty — download or write it again")
+    try:
+        yield
+    except Exception as e:
+        message = explain_load_error(path, e, kind)
+        if message is None:
+            raise
+        raise UserError(message) from None
+
+
+def load_model(loader, path, kind):
+    """loader(path) (e.g. GPT.from_checkpoint) with every failure the file can cause told in one line."""
+    with loading(path, kind):
+        return loader(str(path))
+
 
 def setup_distributed():
     """(rank, local_rank, world_size, device) from torchrun's environment; a plain process is rank 0 of 1."""
@@ -237,18 +494,6 @@ def setup_distributed():
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, local_rank, world, device
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def rng_state():
