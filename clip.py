@@ -1,16 +1,10 @@
 """
-CLIP from scratch (Radford et al., 2021, "Learning Transferable Visual Models From Natural Language Supervision").
-
-Two towers map an image and a text into one joint space; CLIP-GEN conditions its generator on the image
-embedding during training and swaps in the text embedding at inference. This file holds:
-- the image towers: VisionTransformer (ViT-B/32, ViT-B/16, ViT-L/14) and ModifiedResNet (the RN family; also the
-  tiny convolutional tower of our shapes CLIP, see train_clip.py),
-- the causal text transformer, CLIP (encode_image / encode_text / forward),
-- load(): OpenAI's published TorchScript archives (downloaded, SHA256-checked), plain state dicts and our own
-  checkpoints {"model", "config", "step"}; every hyper-parameter is inferred from tensor shapes,
-- preprocessing identical to OpenAI's torchvision transform, written with PIL + torch only,
-- OpenAI's byte-level BPE tokenizer (self-contained, at the end).
-Module and parameter names follow openai/CLIP's model.py so that loading is a plain copy loop.
+CLIP (Radford et al., 2021): an image tower and a text tower that map into one joint space. CLIP-GEN conditions its
+generator on the image embedding in training and swaps in the text embedding at inference. Here: the towers
+(VisionTransformer; ModifiedResNet, also the small tower of our shapes CLIP), CLIP itself, load() for OpenAI's
+archives (downloaded, SHA256-checked), plain state dicts (HFAiLab's clip_vit_b32.pt is one) and our checkpoints,
+every size inferred from tensor shapes; OpenAI's preprocessing in PIL + torch; OpenAI's BPE tokenizer at the end.
+Module and parameter names follow openai/CLIP's model.py, so loading is a plain copy loop.
 """
 import argparse
 import gzip
@@ -19,10 +13,8 @@ import html
 import http.client
 import math
 import os
-import sys
-import tempfile
+import pickle
 import urllib.request
-import warnings
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -49,9 +41,8 @@ _MODELS = {
     "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
     "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
-# the BPE merges ship inside OpenAI's repository (MIT); sha256 of the gzip file
-VOCAB_URL = "https://github.com/openai/CLIP/raw/main/clip/bpe_simple_vocab_16e6.txt.gz"
-VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+# OpenAI's BPE merges (from openai/CLIP, MIT licence), shipped in this repository
+VOCAB = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 # CLIP's image normalisation (per RGB channel, on [0, 1] pixels)
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -170,16 +161,10 @@ class Bottleneck(nn.Module):
 
     def __init__(self, inplanes, planes, stride=1):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu2 = nn.ReLU(inplace=True)
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes)
         self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu3 = nn.ReLU(inplace=True)
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
         self.downsample = None
         if stride > 1 or inplanes != planes * 4:
             # key names "downsample.-1" (the pool, no weights), "downsample.0", "downsample.1" as OpenAI's
@@ -188,11 +173,10 @@ class Bottleneck(nn.Module):
                 ("1", nn.BatchNorm2d(planes * 4))]))
 
     def forward(self, x):
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.avgpool(self.relu2(self.bn2(self.conv2(out))))
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.avgpool(F.relu(self.bn2(self.conv2(out))))
         out = self.bn3(self.conv3(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu3(out + identity)
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
 class AttentionPool2d(nn.Module):
@@ -208,10 +192,9 @@ class AttentionPool2d(nn.Module):
         x = x.flatten(2).transpose(1, 2)                         # (B, C, h, w) -> (B, h*w, C)
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)   # (B, 1 + h*w, C)
         x = x + self.positional_embedding.to(x.dtype)
-        B, T, C = x.shape
-        q = self.q_proj(x[:, :1]).view(B, 1, self.heads, -1).transpose(1, 2)  # (B, h, 1, d)
-        k = self.k_proj(x).view(B, T, self.heads, -1).transpose(1, 2)         # (B, h, T, d)
-        v = self.v_proj(x).view(B, T, self.heads, -1).transpose(1, 2)
+        B, T, C = x.shape  # the query is the mean token only: (B, h, 1, d); keys and values (B, h, T, d)
+        q, k, v = (proj(t).view(B, -1, self.heads, C // self.heads).transpose(1, 2)
+                   for proj, t in ((self.q_proj, x[:, :1]), (self.k_proj, x), (self.v_proj, x)))
         y = F.scaled_dot_product_attention(q, k, v)                           # (B, h, 1, d)
         return self.c_proj(y.transpose(1, 2).reshape(B, C))                   # (B, output_dim)
 
@@ -221,33 +204,22 @@ class ModifiedResNet(nn.Module):
     def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
         super().__init__()
         self.input_resolution, self.output_dim = input_resolution, output_dim
-        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width // 2)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width // 2)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width)
-        self.relu3 = nn.ReLU(inplace=True)
+        self.conv1, self.bn1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width // 2)
+        self.conv2, self.bn2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False), nn.BatchNorm2d(width // 2)
+        self.conv3, self.bn3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
         self.avgpool = nn.AvgPool2d(2)
-        self._inplanes = width
-        self.layer1 = self._make_layer(width, layers[0])
-        self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
-        self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
-        self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
+        stages, inplanes = [], width
+        for i, n in enumerate(layers):  # widths w, 2w, 4w, 8w (x4 out); every stage but the first halves the grid
+            stages.append(nn.Sequential(*[Bottleneck(inplanes if j == 0 else width * 2 ** i * 4, width * 2 ** i,
+                                                     2 if i > 0 and j == 0 else 1) for j in range(n)]))
+            inplanes = width * 2 ** i * Bottleneck.expansion
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)  # total stride 32
 
-    def _make_layer(self, planes, blocks, stride=1):
-        layers = [Bottleneck(self._inplanes, planes, stride)]
-        self._inplanes = planes * Bottleneck.expansion
-        layers += [Bottleneck(self._inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
     def forward(self, x):
-        x = self.relu1(self.bn1(self.conv1(x)))                  # (B, 3, R, R) -> (B, w/2, R/2, R/2)
-        x = self.relu2(self.bn2(self.conv2(x)))
-        x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))    # (B, w, R/4, R/4)
+        x = F.relu(self.bn1(self.conv1(x)))                      # (B, 3, R, R) -> (B, w/2, R/2, R/2)
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.avgpool(F.relu(self.bn3(self.conv3(x))))        # (B, w, R/4, R/4)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 32w, R/32, R/32)
         return self.attnpool(x)                                  # (B, output_dim)
 
@@ -354,13 +326,10 @@ def read_state_dict(path):
             is_torchscript = any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
     except zipfile.BadZipFile:
         is_torchscript = False
-    try:
-        if is_torchscript:  # only the weights are read; the traced code is never run
-            sd = torch.jit.load(path, map_location="cpu").state_dict()
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read CLIP weights from {path}: {type(e).__name__}: {e}") from None
+    if is_torchscript:  # only the weights are read; the traced code is never run
+        sd = torch.jit.load(path, map_location="cpu").state_dict()
+    else:  # a broken or unsafe file raises torch's own error (data.load_model tells it in one line)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(sd, dict) and "model" in sd and "config" in sd:  # our checkpoint (train_clip.py)
         sd = sd["model"]
     if not isinstance(sd, dict) or "text_projection" not in sd:
@@ -375,15 +344,10 @@ def build_model(sd):
     config = config_from_state_dict(sd)
     with torch.device("meta"):  # no time spent on a random init that is overwritten anyway
         model = CLIP(config)
-    expected = model.state_dict()
-    for k in expected:  # BatchNorm's step counter is bookkeeping, not a weight: absent in some exports
+    for k in model.state_dict():  # BatchNorm's step counter is bookkeeping, not a weight: absent in some exports
         if k.endswith("num_batches_tracked") and k not in sd:
             sd[k] = torch.tensor(0)
-    missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"CLIP state dict does not match the inferred {config}: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.load_state_dict(sd, strict=True, assign=True)  # torch names every missing and unexpected key
     return model.eval()
 
 
@@ -398,16 +362,12 @@ def load(name_or_path, device=None, dtype=None, download_root=None):
     elif os.path.isfile(name_or_path):
         path = name_or_path
     else:
-        raise ValueError(f"unknown CLIP model {name_or_path!r}: use one of {available_models()} or a path to a file")
+        raise ValueError(f"unknown CLIP model {name_or_path!r} — use one of {available_models()} or a path to a file")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or torch.float32
-    if device.type == "cpu" and dtype != torch.float32:
-        warnings.warn(f"clip.load: {dtype} requested on CPU; running in float32 (half precision on CPU is slow "
-                      f"or unsupported)")
-        dtype = torch.float32
+    dtype = (dtype or torch.float32) if device.type != "cpu" else torch.float32  # half precision on CPU: slow/absent
     model = build_model(read_state_dict(path)).to(device=device, dtype=dtype)
     print(f"clip: loaded {name_or_path} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{model.visual.input_resolution}px, embed {model.embed_dim}) on {device} in {dtype}", file=sys.stderr)
+          f"{model.visual.input_resolution}px, embed {model.embed_dim}) on {device} in {dtype}")
     return model, partial(preprocess, resolution=model.visual.input_resolution)
 
 
@@ -419,38 +379,27 @@ def default_root():
     return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "clip")
 
 
-def download(url, root, sha256=None, filename=None):
-    """url -> root/filename (default: the URL's basename). sha256 defaults to the hash that OpenAI's URLs carry.
-
-    An existing file with the right hash is reused; a wrong one is downloaded again. The download goes to a temp
-    file in root, is hashed while streaming and only then renamed, so a partial file never has the final name.
-    """
+def download(url, root, sha256=None):
+    """url -> root/<its basename>, checked against sha256 (default: the hash that OpenAI's URLs carry). A file with
+    the right hash is reused; a download is hashed and renamed into place only when right, so a partial or wrong
+    file never has the final name."""
     os.makedirs(root, exist_ok=True)
-    target = os.path.join(root, filename or os.path.basename(url))
-    if sha256 is None and url.startswith("https://openaipublic.azureedge.net/clip/models/"):
-        sha256 = url.split("/")[-2]
-    if os.path.exists(target) and not os.path.isfile(target):
-        raise RuntimeError(f"{target} exists and is not a regular file; remove it")
-    if os.path.isfile(target):
-        if sha256 is None or file_sha256(target) == sha256:
-            return target
-        warnings.warn(f"{target} exists but its SHA256 does not match {sha256}; downloading it again")
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=os.path.basename(target) + ".", suffix=".part")
+    target, sha256 = os.path.join(root, os.path.basename(url)), sha256 or url.split("/")[-2]
+    if os.path.isfile(target) and file_sha256(target) == sha256:
+        return target
+    tmp = f"{target}.{os.getpid()}.part"
     try:
-        hasher = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as src:
+        with urllib.request.urlopen(url, timeout=60) as src, open(tmp, "wb") as out:
             total = int(src.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024, desc=os.path.basename(target)) as bar:
+            with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024, desc=os.path.basename(url)) as bar:
                 while chunk := src.read(1 << 20):
-                    out.write(chunk)
-                    hasher.update(chunk)
-                    bar.update(len(chunk))
-        if sha256 is not None and hasher.hexdigest() != sha256:
-            raise RuntimeError(f"downloaded {url} but its SHA256 is {hasher.hexdigest()}, expected {sha256} "
-                               f"(interrupted or tampered download); run again")
+                    bar.update(out.write(chunk))
+        if (got := file_sha256(tmp)) != sha256:
+            raise RuntimeError(f"downloaded {url} but its SHA256 is {got}, expected {sha256} (interrupted or altered)"
+                               f" — run again")
         os.replace(tmp, target)
     except (OSError, http.client.HTTPException) as e:
-        raise RuntimeError(f"cannot download {url} ({e}); without network, fetch it elsewhere and put it at "
+        raise RuntimeError(f"cannot download {url} ({e}) — without a network, fetch it elsewhere and put it at "
                            f"{target}") from None
     finally:
         if os.path.exists(tmp):
@@ -518,25 +467,12 @@ def bytes_to_unicode():
     return dict(zip(keep, map(chr, chars)))
 
 
-def vocab_path(path=None):
-    """The BPE merges file: explicit path, cache dir, <repo>/../shared/assets, else downloaded and verified."""
-    if path:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"BPE vocabulary {path} not found")
-        return path
-    for p in (os.path.join(default_root(), "bpe_simple_vocab_16e6.txt.gz"),
-              str(Path(__file__).resolve().parent.parent / "shared" / "assets" / "bpe_simple_vocab_16e6.txt.gz")):
-        if os.path.isfile(p):
-            return p
-    return download(VOCAB_URL, default_root(), sha256=VOCAB_SHA256)
-
-
 class SimpleTokenizer:
     # pre-tokens: the special tokens, English contractions, letter runs, single digits, other-symbol runs
     PATTERN = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
 
     def __init__(self, bpe_path=None):
-        with gzip.open(vocab_path(bpe_path)) as f:
+        with gzip.open(bpe_path or VOCAB) as f:
             lines = f.read().decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # 48,894 merges after the header
         self.byte_encoder = bytes_to_unicode()
@@ -609,37 +545,32 @@ def tokenize(texts, context_length=77, truncate=False, bpe_path=None):
     return result
 
 # -----------------------------------------------------------------------------
-# zero-shot command line
+# zero-shot command line: python clip.py --image x.jpg --text "a cat" "a dog"
 
 
-def main(args):
-    if not os.path.isfile(args.image):
-        raise FileNotFoundError(f"image {args.image} not found")
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="clip.py", description="CLIP zero-shot: which text fits the image best")
+    p.add_argument("--model", default="ViT-B/32", help=f"one of {available_models()} or a checkpoint file")
+    p.add_argument("--image", required=True)
+    p.add_argument("--text", nargs="+", required=True, help="candidate captions")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    args = p.parse_args(argv)
     try:
-        with Image.open(args.image) as im:
-            im.load()
-            image = im.copy()
-    except OSError as e:
-        raise ValueError(f"cannot read image {args.image}: {e}") from None
-    model, pre = load(args.model, device=args.device, download_root=args.download_root)
+        (image := Image.open(args.image)).load()
+    except OSError as e:  # missing, unreadable, not an image
+        p.exit(2, f"clip.py: error: cannot read --image {args.image} ({e}) — pass an image file\n")
+    try:
+        model, pre = load(args.model, device=args.device)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # torch's first line, never its advice
+        p.exit(2, f"clip.py: error: cannot load --model {args.model} ({str(e).splitlines()[0][:200]}) — pass one of "
+                  f"{available_models()} or a CLIP checkpoint file\n")
     device = next(model.parameters()).device
     with torch.no_grad():
-        logits_per_image, _ = model(pre(image).unsqueeze(0).to(device), tokenize(args.text).to(device))
-    probs = logits_per_image.float().softmax(dim=-1)[0].tolist()
-    for p, text in zip(probs, args.text):
-        print(f"{p:.4f}  {text}")
+        logits, _ = model(pre(image).unsqueeze(0).to(device), tokenize(args.text).to(device))
+    for prob, text in zip(probs := logits.float().softmax(dim=-1)[0].tolist(), args.text):
+        print(f"{prob:.4f}  {text}")
     return probs
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="CLIP zero-shot: which text fits the image best",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="ViT-B/32", help=f"one of {available_models()} or a checkpoint path")
-    parser.add_argument("--image", required=True, help="image file")
-    parser.add_argument("--text", nargs="+", required=True, help="candidate captions")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--download-root", default=None, help="where archives are cached (default ~/.cache/clip)")
-    try:
-        main(parser.parse_args())
-    except (ValueError, RuntimeError, OSError) as e:
-        sys.exit(f"clip.py: error: {e}")
+    main()

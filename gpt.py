@@ -9,7 +9,8 @@ predict t_0 .. t_{T-1}. The head is untied (the codebook vocabulary is not a tex
 A learned null condition replaces the prefix when the condition is dropped in training, which gives
 classifier-free guidance at sampling time (Crowson's "super-conditioning").
 
-Reads only our own checkpoints: {"model": state_dict, "config": Config as dict, "step": int, ...}.
+Reads our own checkpoints ({"model": state_dict, "config": Config as dict, "step": int, ...}) and HFAiLab's
+released COCO GPT (`gpt_coco.pt`) through the key map at the end of this file.
 """
 
 import inspect
@@ -31,6 +32,8 @@ class Config:
     n_embd: int = 1024
     dropout: float = 0.0     # HFAiLab trains with 0.1; we default to 0 and let presets/flags set it
     bias: bool = True        # GPT-2 layout; False is ~6% faster (nanoGPT commit e808a671)
+    head_bias: bool = False  # nanoGPT's head has none; HFAiLab's (a default nn.Linear) has one
+    null_cond: bool = True   # a learned "no condition" token (classifier-free guidance); HFAiLab's GPT has none
 
 
 # Named sizes. Paper: GPT2-medium for MS-COCO, GPT2-XL for ImageNet (clipgen.md section 3, unverified for the paper;
@@ -124,15 +127,17 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.cond_proj = nn.Linear(cfg.cond_dim, cfg.n_embd, bias=cfg.bias)  # CLIP embedding -> one prefix token
-        self.null_cond = nn.Parameter(torch.zeros(cfg.n_embd))              # the "no condition" prefix token
+        if cfg.null_cond:
+            self.null_cond = nn.Parameter(torch.zeros(cfg.n_embd))          # the "no condition" prefix token
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)            # position 0 is the prefix
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)     # untied
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.head_bias)  # untied
         self.apply(self._init_weights)
-        nn.init.normal_(self.null_cond, std=0.02)
+        if cfg.null_cond:
+            nn.init.normal_(self.null_cond, std=0.02)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream does not grow with depth
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -150,12 +155,13 @@ class GPT(nn.Module):
 
     def _prefix(self, cond, drop, B):
         """(B, cond_dim) CLIP embeddings (any norm) -> (B, 1, C) prefix tokens; drop (B,) bool picks the null one."""
-        null = self.null_cond.view(1, 1, -1).expand(B, 1, -1)
+        if (cond is None or drop is not None) and not self.config.null_cond:
+            raise ValueError(NO_NULL)
         if cond is None:
-            return null
+            return self.null_cond.view(1, 1, -1).expand(B, 1, -1)
         x = self.cond_proj(F.normalize(cond.float(), dim=-1).to(self.cond_proj.weight.dtype)).unsqueeze(1)
         if drop is not None:
-            x = torch.where(drop.view(B, 1, 1), null.to(x.dtype), x)
+            x = torch.where(drop.view(B, 1, 1), self.null_cond.view(1, 1, -1).to(x.dtype), x)
         return x
 
     def hidden(self, idx, cond, drop=None, caches=None, pos=0):
@@ -205,6 +211,8 @@ class GPT(nn.Module):
         if B is None:
             raise ValueError("generate: pass cond (B, cond_dim) or, for unconditional samples, batch_size")
         guided = cfg_scale != 1.0
+        if guided and not self.config.null_cond:
+            raise ValueError(NO_NULL)
         if guided and cond is None:
             raise ValueError("generate: cfg_scale != 1 needs a condition to guide towards")
         # classifier-free guidance runs both branches in one batch: rows [:B] conditional, [B:] the null prefix
@@ -241,7 +249,8 @@ class GPT(nn.Module):
         N leaves out the lookup tables (token/position embeddings, null token), which cost no matmul FLOPs;
         the untied head is a matmul and stays in."""
         cfg = self.config
-        n = self.num_params() - self.tok_emb.weight.numel() - self.pos_emb.weight.numel() - self.null_cond.numel()
+        n = self.num_params() - self.tok_emb.weight.numel() - self.pos_emb.weight.numel()
+        n -= self.null_cond.numel() if cfg.null_cond else 0
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def configure_optimizers(self, weight_decay, lr, betas, device_type):
@@ -254,13 +263,27 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, **(dict(fused=True) if fused else {}))
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu"):
-        """Rebuild a GPT from our checkpoint {"model", "config", ...}; returns it in eval mode."""
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-            raise ValueError(f"{path} is not a clipgen GPT checkpoint (expected keys 'model' and 'config')")
-        model = cls(Config(**ckpt["config"]))
-        model.load_state_dict(clean_state_dict(ckpt["model"]))
+    def from_checkpoint(cls, path_or_dict, device="cpu", verbose=True):
+        """An eval GPT from our checkpoint {"model", "config", ...} or HFAiLab's gpt_coco.pt {"model", "epoch"},
+        given as a path or as the loaded dict."""
+        name = "checkpoint dict" if isinstance(path_or_dict, dict) else str(path_or_dict)
+        ckpt = path_or_dict
+        if not isinstance(ckpt, dict):
+            ckpt = torch.load(path_or_dict, map_location="cpu", weights_only=True, mmap=True)
+        sd = ckpt.get("model") if isinstance(ckpt, dict) else None
+        if isinstance(sd, dict) and "config" in ckpt:
+            model, sd = cls(Config(**ckpt["config"])), clean_state_dict(sd)
+        elif isinstance(sd, dict) and "pos_emb" in sd:
+            model, sd = cls(config_from_hfai(sd)), from_hfai(sd)
+            if verbose:
+                c = model.config
+                print(f"loaded {name}: HFAiLab CLIP-GEN GPT, epoch {ckpt.get('epoch', '?')}, {c.n_layer} layers x "
+                      f"{c.n_embd} ({c.n_head} heads of 64), vocab {c.vocab_size}, head bias kept, causal-mask "
+                      f"buffers dropped, no null condition (guidance off)")
+        else:
+            raise ValueError(f"{name} is not a GPT checkpoint (ours: 'model' + 'config'; HFAiLab: 'model' with "
+                             f"'pos_emb'); top-level keys: {sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__}")
+        model.load_state_dict(sd)  # strict: torch names every missing and unexpected key
         return model.to(device).eval()
 
     def checkpoint(self, **extra):
@@ -275,6 +298,47 @@ def clean_state_dict(sd):
             k = k[len(p):] if k.startswith(p) else k
         out[k] = v
     return out
+
+
+# HFAiLab's released COCO GPT (gpt_coco.pt; reference/hfai_checkpoints.md): pre-LN nn.TransformerEncoderLayer
+# blocks (fused [q; k; v] in_proj, exact GELU, LayerNorm eps 1e-5), i.e. our Block under torch's names
+HFAI_KEYS = {"tok_emb.weight": "tok_emb.weight", "cond_proj.weight": "cond_proj.weight",
+             "cond_proj.bias": "cond_proj.bias", "norm.weight": "ln_f.weight", "norm.bias": "ln_f.bias",
+             "head.weight": "head.weight", "head.bias": "head.bias"}
+HFAI_BLOCK = {"encoder.self_attn.in_proj_weight": "attn.c_attn.weight",  # (3C, C) [q; k; v], heads contiguous
+              "encoder.self_attn.in_proj_bias": "attn.c_attn.bias",
+              **{f"encoder.{theirs}.{p}": f"{ours}.{p}" for p in ("weight", "bias") for theirs, ours in
+                 [("self_attn.out_proj", "attn.c_proj"), ("linear1", "mlp.c_fc"), ("linear2", "mlp.c_proj"),
+                  ("norm1", "ln_1"), ("norm2", "ln_2")]}}
+HFAI_DROPPED = "mask"  # blocks.i.mask: their causal mask as a bool buffer; ours is SDPA's is_causal
+NO_NULL = ("this GPT has no trained null condition (HFAiLab's COCO GPT was trained without condition dropout), "
+           "so classifier-free guidance is not available")
+
+
+def from_hfai(sd):
+    """HFAiLab's `model` state dict -> ours. A key the table does not know passes through, so the strict load
+    names it."""
+    out = {}
+    for key, v in sd.items():
+        parts = key.split(".", 2)  # blocks.<i>.<their name>
+        if key == "pos_emb":
+            out["pos_emb.weight"] = v[0]  # a Parameter (1, T, C) added at the input = our Embedding's (T, C) table
+        elif key in HFAI_KEYS:
+            out[HFAI_KEYS[key]] = v
+        elif parts[0] == "blocks" and len(parts) == 3:
+            if parts[2] != HFAI_DROPPED:
+                out[f"blocks.{parts[1]}.{HFAI_BLOCK[parts[2]]}" if parts[2] in HFAI_BLOCK else key] = v
+        else:
+            out[key] = v
+    return out
+
+
+def config_from_hfai(sd):
+    """Their sizes from tensor shapes; heads are not stored: 64 wide in every GPT-2 size, so n_head = n_embd // 64."""
+    vocab, C = sd["tok_emb.weight"].shape
+    return Config(vocab_size=vocab, block_size=sd["pos_emb"].shape[1], cond_dim=sd["cond_proj.weight"].shape[1],
+                  n_layer=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), n_head=C // 64,
+                  n_embd=C, bias=True, head_bias="head.bias" in sd, null_cond=False)
 
 
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

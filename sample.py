@@ -1,16 +1,16 @@
 """
 Text (or an image) -> images with CLIP-GEN (Wang et al. 2022, arXiv 2203.00386, sec. 3.3), with CLIP re-ranking.
 
-    python sample.py "a red circle on a blue background"          # the shipped shapes-world checkpoints
-    python sample.py "oil painting of a dog" --clip ViT-B/32 --vqgan vqgan.ckpt --gpt out/gpt/ckpt.pt --candidates 64
+    python sample.py "a red circle on a blue background"       # the shipped shapes-world checkpoints
+    python sample.py "oil painting of a dog" --weights hfai-coco  # HFAiLab's COCO release (downloaded on first use)
 
-One prompt, end to end: CLIP's text tower embeds it (1, D) -> the GPT samples `candidates` token grids (C, h*w),
-conditioned on that embedding where training showed it CLIP *image* embeddings -> the VQGAN decoder paints them
-(C, 3, H, W) -> CLIP's image tower scores each against the prompt (cosine) -> the best `n` are kept, written as PNGs
-and drawn into one labelled grid. `--image` conditions on an image's embedding instead (variations).
-evaluate.py imports load_models, text_embeddings, image_embeddings and generate from here.
+main(): CLIP's text tower embeds the prompt (1, D) -> generate(): the GPT samples `candidates` token grids (C, h*w)
+on it (training showed it CLIP *image* embeddings), the VQGAN decoder paints them (C, 3, H, W), CLIP scores each
+against the prompt -> main() writes the best `n` as PNGs and one labelled grid.
 """
-import argparse
+import itertools
+import json
+import os
 import re
 import warnings
 from collections import namedtuple
@@ -19,128 +19,107 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 import clip as clip_lib
-from gpt import GPT
-from train_gpt import fingerprint  # the sha256 that train_gpt.py records for the CLIP and VQGAN files
+import data
+from gpt import GPT, NO_NULL
 from vqgan import VQGAN
 
 ROOT = Path(__file__).resolve().parent
-SHIPPED = {k: f"checkpoints/shapes/{k}.pt" for k in ("clip", "vqgan", "gpt")}  # made by scripts/train_shapes.sh
+SHIPPED = {k: str(ROOT / f"checkpoints/shapes/{k}.pt") for k in ("clip", "vqgan", "gpt")}  # scripts/train_shapes.sh
+# HFAiLab's CLIP-GEN release v0.1.0 (MS-COCO; no checksums published: the first download records them)
+HFAI_URL = "https://github.com/HFAiLab/clip-gen/releases/download/v0.1.0"  # the env var CLIPGEN_HFAI_URL overrides it
+HFAI_FILES = {"clip": "clip_vit_b32.pt", "vqgan": "vqgan_coco.pt", "gpt": "gpt_coco.pt"}
+# flags not given: ours, or HFAiLab's demo.py settings for a GPT in their layout
+DEFAULTS = {"clipgen": dict(n=4, candidates=64), "hfai": dict(n=8, candidates=64, top_k=500, top_p=0.95)}
+Models = namedtuple("Models", "clip preprocess vqgan gpt meta")  # meta: the GPT's record of its training data
 
 
-# clip: text tower for prompts, image tower for variations and re-ranking; preprocess: PIL -> (3, R, R) CLIP input;
-# vqgan: tokens (B, h, w) -> pixels; gpt: CLIP embedding -> tokens (B, h*w)
-Models = namedtuple("Models", "clip preprocess vqgan gpt")
-
-
-def find_checkpoint(kind, path):
-    """A checkpoint path that exists (relative to the working directory or the repo), else an error naming its maker."""
-    if kind == "clip" and path in clip_lib.available_models():
-        return path  # an OpenAI name: clip.load downloads and verifies it
-    for p in (Path(path), ROOT / path):
-        if p.is_file():
-            return str(p)
-    maker = "scripts/train_shapes.sh" if path == SHIPPED[kind] else f"train_{kind}.py"
-    raise FileNotFoundError(f"{kind} checkpoint {path} not found: make it with {maker}, or pass --{kind} PATH")
+def fetch_release(folder=None):
+    """HFAiLab's three files in the cache, downloaded on first use; SHA256 recorded then and checked on every run."""
+    record = (folder := Path(folder or data.CACHE / "hfai-coco")) / "sha256.json"
+    sums = json.loads(record.read_text()) if record.is_file() else {}
+    for name in HFAI_FILES.values():  # offline, data.download says where to put each file by hand
+        url = f"{os.environ.get('CLIPGEN_HFAI_URL', HFAI_URL)}/{name}"
+        path = folder / name if (folder / name).is_file() else data.download(url, folder / name)
+        if sums.setdefault(name, digest := data.file_sha256(path)) != digest:
+            raise data.UserError(f"{path} changed since it was first fetched (SHA256 {digest[:12]}..., recorded "
+                                 f"{sums[name][:12]}... in {record}) — delete it to download it again")
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")  # written whole, then renamed
+    tmp.write_text(json.dumps(sums, indent=1))
+    os.replace(tmp, record)
+    return {kind: str(folder / name) for kind, name in HFAI_FILES.items()}
 
 
 def load_models(clip=SHIPPED["clip"], vqgan=SHIPPED["vqgan"], gpt=SHIPPED["gpt"], device="cpu", dtype=None):
-    """Load CLIP, VQGAN and GPT and refuse a combination the GPT was not trained for."""
-    paths = {k: find_checkpoint(k, p) for k, p in (("clip", clip), ("vqgan", vqgan), ("gpt", gpt))}
-    dtype = dtype or torch.float32
-    clip_model, preprocess = clip_lib.load(paths["clip"], device=device, dtype=dtype)
-    vq = VQGAN.from_checkpoint(paths["vqgan"], device=device).to(dtype)
-    g = GPT.from_checkpoint(paths["gpt"], device=device).to(dtype)
-    c, v = g.config, vq.config
-    grid = v.resolution // 2 ** (len(v.ch_mult) - 1)  # VQGAN tokens per side (f = 2**(levels-1))
-    problems = []
-    if c.vocab_size != v.n_embed:
-        problems.append(f"the GPT predicts {c.vocab_size} token ids but the VQGAN's codebook has {v.n_embed} codes")
-    if c.block_size != grid * grid:
-        problems.append(f"the GPT makes {c.block_size} tokens per image but the VQGAN's grid is {grid}x{grid}")
-    if c.cond_dim != clip_model.embed_dim:
-        problems.append(f"the GPT takes {c.cond_dim}-d conditions, this CLIP makes {clip_model.embed_dim}-d embeddings")
-    # train_gpt.py records the exact CLIP and VQGAN files that made its training tokens (sha256, or an OpenAI name):
-    # another CLIP of the same width, or another VQGAN with as many codes, fits the shapes but not the meaning
-    meta = torch.load(paths["gpt"], map_location="cpu", weights_only=True, mmap=True).get("data_meta") or {}
+    """Load CLIP, VQGAN and GPT (ours, taming's, OpenAI's or HFAiLab's) and refuse a combination that does not fit."""
+    paths, dtype = {"clip": clip, "vqgan": vqgan, "gpt": gpt}, dtype or torch.float32
+    load_clip = lambda p: clip_lib.load(p, device=device, dtype=dtype)  # noqa: E731
+    clip_model, preprocess = (load_clip(clip) if clip in clip_lib.available_models() and not Path(clip).is_file()
+                              else data.load_model(load_clip, clip, "clip"))  # a name: downloaded and verified
+    vq = data.load_model(lambda p: VQGAN.from_checkpoint(p, device=device), vqgan, "vqgan").to(dtype)
+    with data.loading(gpt, "gpt"):  # read once: the weights and the record of the data they were trained on
+        ckpt = torch.load(gpt, map_location="cpu", weights_only=True, mmap=True)
+        g = GPT.from_checkpoint(ckpt, device=device).to(dtype)
+    meta = dict(ckpt.get("data_meta") or {}, layout="clipgen" if "config" in ckpt else "hfai")
+    c, v, d = g.config, vq.config, clip_model.embed_dim
+    problems = [m for bad, m in [
+        (c.vocab_size != v.n_embed, f"the GPT predicts {c.vocab_size} token ids, the VQGAN has {v.n_embed} codes"),
+        (c.block_size != v.grid ** 2, f"the GPT makes {c.block_size} tokens, the VQGAN's grid is {v.grid}x{v.grid}"),
+        (c.cond_dim != d, f"the GPT takes {c.cond_dim}-d conditions, this CLIP makes {d}-d embeddings")] if bad]
+    # train_gpt.py records the CLIP and VQGAN files of its training data: another one of the same size does not fit
     for kind in ("clip", "vqgan"):
-        want = meta.get(f"{kind}_sha256")
-        if want and fingerprint(paths[kind]) != want:
-            problems.append(f"its training tokens were made with {kind} {meta.get(kind)} (sha256 {want[:12]}...), "
-                            f"not with this file")
+        if (want := meta.get(f"{kind}_sha256")) and want != paths[kind] and data.file_sha256(paths[kind]) != want:
+            problems.append(f"its training data was made with {kind} {meta.get(kind)} (sha256 {want[:12]}...)")
     if problems:
-        raise ValueError(f"{paths['gpt']} does not fit --clip {clip} / --vqgan {vqgan}: " + "; ".join(problems)
-                         + ". Pass the CLIP and VQGAN the GPT was trained with (train_gpt.py prepare records them)")
-    return Models(clip_model, preprocess, vq, g)
+        raise data.UserError(f"{gpt} does not fit --clip {clip} / --vqgan {vqgan}: " + "; ".join(problems)
+                             + " — pass the CLIP and VQGAN the GPT was trained with (train_gpt.py records them)")
+    if "vqgan_sha256" not in meta:
+        print(f"note: {gpt} records no CLIP or VQGAN file it was trained with: only their sizes were checked")
+    return Models(clip_model, preprocess, vq, g, meta)
 
 
 @torch.no_grad()
 def text_embeddings(models, prompts):
     """N prompts -> (N, D) L2-normalised CLIP text embeddings; over-long prompts are truncated with a warning."""
-    n_ctx = models.clip.context_length
-    for p in prompts:
-        if not p.strip():
-            raise ValueError("empty prompt: describe the image, e.g. \"a red circle on a blue background\"")
-        n = len(clip_lib.get_tokenizer().encode(p)) + 2  # + start and end tokens
-        if n > n_ctx:
-            warnings.warn(f"prompt {p[:40]!r}... is {n} tokens, over CLIP's {n_ctx}: truncated")
-    tokens = clip_lib.tokenize(prompts, context_length=n_ctx, truncate=True).to(models.clip.text_projection.device)
-    return F.normalize(models.clip.encode_text(tokens).float(), dim=-1)
+    if any(not p.strip() for p in prompts):
+        raise data.UserError('empty prompt — describe the image, e.g. "a red circle on a blue background"')
+    for p in prompts:  # + start and end tokens
+        if (n := len(clip_lib.get_tokenizer().encode(p)) + 2) > models.clip.context_length:
+            warnings.warn(f"prompt {p[:40]!r}... is {n} tokens, over CLIP's {models.clip.context_length}: truncated")
+    tokens = clip_lib.tokenize(prompts, models.clip.context_length, truncate=True)
+    return F.normalize(models.clip.encode_text(tokens.to(models.clip.text_projection.device)).float(), dim=-1)
 
 
 @torch.no_grad()
 def image_embeddings(models, pil_images):
     """N PIL images -> (N, D) L2-normalised CLIP image embeddings."""
-    x = torch.stack([models.preprocess(im.convert("RGB")) for im in pil_images])  # (N, 3, R, R)
-    return F.normalize(models.clip.encode_image(x.to(models.clip.text_projection.device)).float(), dim=-1)
-
-
-def check_knobs(n=1, candidates=1, temperature=1.0, top_k=None, top_p=None, cfg=1.0, batch_size=1):
-    rules = [(n >= 1, f"--n {n}: keep at least 1 image per prompt"),
-             (candidates >= n, f"--candidates {candidates} < --n {n}: re-ranking keeps n of the candidates"),
-             (temperature > 0, f"--temperature {temperature}: must be > 0 (1 = the model's own distribution)"),
-             (top_k is None or top_k >= 1, f"--top-k {top_k}: must be >= 1 (or unset)"),
-             (top_p is None or 0 < top_p <= 1, f"--top-p {top_p}: must be in (0, 1]"),
-             (cfg >= 0, f"--cfg {cfg}: guidance scale must be >= 0 (1 = off)"),
-             (batch_size >= 1, f"--batch-size {batch_size}: must be >= 1")]
-    for ok, message in rules:
-        if not ok:
-            raise ValueError(message)
+    x = torch.stack([models.preprocess(im) for im in pil_images]).to(models.clip.text_projection.device)
+    return F.normalize(models.clip.encode_image(x).float(), dim=-1)  # (N, 3, R, R) -> (N, D)
 
 
 @torch.no_grad()
 def generate(models, cond, n=1, candidates=None, texts_for_ranking=None, temperature=1.0, top_k=None, top_p=None,
              cfg=1.0, seed=0, batch_size=16, as_float=False, progress=False):
-    """
-    cond (N, D): CLIP embeddings (text or image) -> for each row, max(candidates, n) samples ranked by CLIP cosine
-    to `texts_for_ranking` (N prompts, or an (N, D) embedding; default: cond itself); the best n are kept.
-    Returns images uint8 (N, n, H, W, 3) (or float in [0, 1] (N, n, 3, H, W) with as_float) and scores (N, n),
-    best first. The same seed and batch_size give the same images.
-    """
-    candidates = max(candidates or n, n)  # fewer candidates than kept images: no choice to make, sample n
-    check_knobs(n, candidates, temperature, top_k, top_p, cfg, batch_size)
-    device = models.gpt.head.weight.device
+    """cond (N, D) CLIP embeddings -> per row, max(candidates, n) samples ranked by CLIP cosine to texts_for_ranking
+    ((N, D); default: cond), the best n kept. -> images uint8 (N, n, H, W, 3) (as_float: float (N, n, 3, H, W) in
+    [0, 1]) and scores (N, n), best first. The same seed and batch_size give the same images."""
+    candidates, device, grid = max(candidates or n, n), models.gpt.head.weight.device, models.vqgan.config.grid
     rank = cond if texts_for_ranking is None else texts_for_ranking
-    if isinstance(rank, (list, tuple)):
-        rank = text_embeddings(models, list(rank))
     rows = cond.to(device).repeat_interleave(candidates, 0)                      # (N*C, D): prompt i at i*C .. i*C+C-1
     rank = F.normalize(rank.float().to(device), dim=-1).repeat_interleave(candidates, 0)
     generator = torch.Generator(device).manual_seed(seed)
-    grid = int(models.gpt.config.block_size ** 0.5)
     images, scores = [], []
-    with tqdm(total=len(rows), desc="candidates", unit="img", disable=not progress) as bar:
-        for s in range(0, len(rows), batch_size):
-            tokens = models.gpt.generate(rows[s:s + batch_size], cfg_scale=cfg, temperature=temperature, top_k=top_k,
-                                         top_p=top_p, generator=generator)      # (b, h*w) raster order
-            x = models.vqgan.decode(tokens.view(-1, grid, grid)).float()         # (b, 3, H, W) in [-1, 1]
-            e = models.clip.encode_image(clip_lib.preprocess_tensor(x, models.clip.visual.input_resolution))
-            scores.append((F.normalize(e.float(), dim=-1) * rank[s:s + batch_size]).sum(-1))  # cosine, (b,)
-            images.append(((x + 1) / 2).clamp(0, 1).cpu())
-            bar.update(len(x))
-    N = cond.shape[0]
-    images = torch.cat(images).view(N, candidates, *images[0].shape[1:])       # (N, C, 3, H, W)
+    starts = range(0, len(rows), batch_size)
+    for s in data.progress(starts, desc=f"batches of {batch_size} candidates") if progress else starts:
+        tokens = models.gpt.generate(rows[s:s + batch_size], cfg_scale=cfg, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, generator=generator)      # (b, h*w) raster order
+        x = models.vqgan.decode(tokens.view(-1, grid, grid)).float()         # (b, 3, H, W) in [-1, 1]
+        # CLIP sees what its training saw: a bicubic resize to its resolution and its mean/std normalisation
+        e = models.clip.encode_image(clip_lib.preprocess_tensor(x, models.clip.visual.input_resolution))
+        scores.append((F.normalize(e.float(), dim=-1) * rank[s:s + batch_size]).sum(-1))  # cosine, (b,)
+        images.append(((x + 1) / 2).clamp(0, 1).cpu())
+    images = torch.cat(images).view(N := cond.shape[0], candidates, *images[0].shape[1:])       # (N, C, 3, H, W)
     scores, best = torch.cat(scores).view(N, candidates).cpu().topk(n, dim=1)  # keep the n best, best first
     images = images[torch.arange(N)[:, None], best]                             # (N, n, 3, H, W)
     if not as_float:
@@ -151,89 +130,91 @@ def generate(models, cond, n=1, candidates=None, texts_for_ranking=None, tempera
 def labelled_grid(images, scores, labels, cell=128):
     """uint8 (N, n, H, W, 3) -> one PIL grid: a row per prompt under its label, each image over its CLIP score."""
     N, n, H, W, _ = images.shape
-    s = max(1, cell // W)  # nearest-neighbour upscale, so small (32-px) shapes are visible and stay crisp
-    w, h, pad, line = W * s, H * s, 4, 12
+    w, h = W * max(1, cell // W), H * max(1, cell // W)  # nearest upscale: small (32-px) shapes stay visible, crisp
     text_w = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t)) for t in labels)
-    grid = Image.new("RGB", (max(n * (w + pad), text_w + pad) + pad, N * (line + h + line + pad) + pad), "white")
+    grid = Image.new("RGB", (max(n * (w + 4), text_w + 4) + 4, N * (h + 28) + 4), "white")
     draw = ImageDraw.Draw(grid)
-    for i in range(N):
-        y = pad + i * (line + h + line + pad)
-        draw.text((pad, y), labels[i], fill="black")
-        for k in range(n):
-            x = pad + k * (w + pad)
-            grid.paste(Image.fromarray(images[i, k].numpy()).resize((w, h), Image.NEAREST), (x, y + line))
-            draw.text((x, y + line + h), f"{scores[i, k]:.3f}", fill="black")
+    for i, k in itertools.product(range(N), range(n)):
+        x, y = 4 + k * (w + 4), 4 + i * (h + 28)
+        draw.text((4, y), labels[i], fill="black")
+        grid.paste(Image.fromarray(images[i, k].numpy()).resize((w, h), Image.NEAREST), (x, y + 12))
+        draw.text((x, y + 12 + h), f"{scores[i, k]:.3f}", fill="black")
     return grid
 
 
-def read_image(path):
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # missing, not an image, truncated: PIL raises many types
-        raise ValueError(f"cannot read --image {path}: {type(e).__name__}: {e}") from None
+def shapes_vocabulary():
+    """Every word of every shapes-world caption (data.caption over all colours, shapes, sizes and backgrounds)."""
+    ranges = map(range, (len(data.COLOR_NAMES), len(data.SHAPES), len(data.SIZES), len(data.COLOR_NAMES)))
+    return {w for c, s, z, b in itertools.product(*ranges)
+            for w in data.caption(dict(color=c, shape=s, size=z, bg=b, drop_size=False, drop_bg=False)).split()}
 
 
 def main(args):
-    check_knobs(args.n, args.candidates, args.temperature, args.top_k, args.top_p, args.cfg, args.batch_size)
-    prompts = list(args.prompt)
-    if args.prompts:  # one prompt per line; blank lines are skipped
-        if not Path(args.prompts).is_file():
-            raise FileNotFoundError(f"--prompts {args.prompts}: no such file")
-        prompts += [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    pictures = [read_image(path) for path in args.image or []]
+    if args.prompts and not Path(args.prompts).is_file():
+        raise data.UserError(f"--prompts {args.prompts}: no such file — pass a text file with one prompt per line")
+    prompts = args.prompt + ([ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+                             if args.prompts else [])
+    try:
+        pictures = [data.open_image(path) for path in args.image or []]
+    except Exception as e:  # missing, not an image, truncated: PIL raises many types (its message names the file)
+        raise data.UserError(f"cannot read --image ({type(e).__name__}: {e}) — pass an image file") from None
     if not prompts and not pictures:
-        raise ValueError("nothing to draw: give a prompt, --prompts FILE or --image PATH")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else None)
-    models = load_models(args.clip, args.vqgan, args.gpt, device=device, dtype=dtype)
-    cond = torch.cat(([text_embeddings(models, prompts)] if prompts else [])
-                     + ([image_embeddings(models, pictures)] if pictures else []))
+        raise data.UserError("nothing to draw — give a prompt, --prompts FILE or --image PATH")
+    if (out := Path(args.out)).exists() and not out.is_dir():
+        raise data.UserError(f"--out {out} is a file — pass a folder (each run writes a new numbered sub-folder)")
+    device = data.pick_device(args.device)
+    files = fetch_release() if args.weights == "hfai-coco" else SHIPPED
+    models = load_models(*(getattr(args, k) or files[k] for k in ("clip", "vqgan", "gpt")), device=device,
+                         dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.cfg != 1 and not models.gpt.config.null_cond:
+        raise data.UserError(f"--cfg {args.cfg}: {NO_NULL} — use --cfg 1")
+    words = {w for p in prompts for w in re.findall(r"[a-z]+", p.lower())}
+    if models.meta.get("dataset") == "shapes" and (unknown := sorted(words - shapes_vocabulary())):
+        print(f"note: the shapes-world models know only coloured shapes, not {', '.join(unknown)}; for real images: "
+              f"python sample.py \"{prompts[0]}\" --weights hfai-coco")
+    knobs = {k: DEFAULTS[models.meta["layout"]].get(k) if getattr(args, k) is None else getattr(args, k)
+             for k in ("n", "candidates", "top_k", "top_p")}
+    cond = ([text_embeddings(models, prompts)] if prompts else []) + ([image_embeddings(models, pictures)] if pictures
+                                                                     else [])
     labels = prompts + [f"variations of {Path(p).name}" for p in args.image or []]
-    images, scores = generate(models, cond, n=args.n, candidates=args.candidates,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg=args.cfg,
-                              seed=args.seed, batch_size=args.batch_size, progress=True)
-    out, paths = Path(args.out), []
-    out.mkdir(parents=True, exist_ok=True)
-    for i, label in enumerate(labels):
+    images, scores = generate(models, torch.cat(cond), temperature=args.temperature, cfg=args.cfg, seed=args.seed,
+                              batch_size=args.batch_size, progress=True, **knobs)
+    (run := next(out / f"{i:03d}" for i in itertools.count() if not (out / f"{i:03d}").exists())).mkdir(parents=True)
+    paths = []
+    for (i, label), k in itertools.product(enumerate(labels), range(knobs["n"])):
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:60] or "prompt"
-        for k in range(args.n):
-            paths.append(out / f"{i:03d}-{slug}-{k}.png")
-            Image.fromarray(images[i, k].numpy()).save(paths[-1])
-            print(f"{paths[-1]}  clip score {scores[i, k]:.3f}")
-    labelled_grid(images, scores, labels).save(grid := out / "grid.png")
-    print(f"{grid}  ({len(labels)} rows x {args.n}, best of {args.candidates} by CLIP score)")
+        paths.append(run / f"{i:03d}-{slug}-{k}.png")
+        Image.fromarray(images[i, k].numpy()).save(paths[-1])
+        print(f"{paths[-1]}  clip score {scores[i, k]:.3f}")
+    labelled_grid(images, scores, labels).save(run / "grid.png")
+    print(f"{run / 'grid.png'}  ({len(labels)} rows x {knobs['n']}, best of {knobs['candidates']} by CLIP score; "
+          f"top-k {knobs['top_k']}, top-p {knobs['top_p']})")
     return paths, scores
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="CLIP-GEN: text or image -> images, re-ranked by CLIP",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    num, p = data.num, data.ArgumentParser(prog="sample.py", description="CLIP-GEN: text or image -> images")
     p.add_argument("prompt", nargs="*", help="one or more text prompts")
     p.add_argument("--prompts", help="a text file with one prompt per line")
     p.add_argument("--image", action="append", help="variations of this image (its CLIP embedding); repeatable")
-    p.add_argument("--clip", default=SHIPPED["clip"], help=f"CLIP: one of {clip_lib.available_models()} or a path")
-    p.add_argument("--vqgan", default=SHIPPED["vqgan"], help="VQGAN checkpoint (ours or taming's .ckpt)")
-    p.add_argument("--gpt", default=SHIPPED["gpt"], help="GPT checkpoint from train_gpt.py")
-    p.add_argument("--n", type=int, default=4, help="images kept per prompt")
-    p.add_argument("--candidates", type=int, default=64,
-                   help="images sampled per prompt, re-ranked by CLIP (the shipped shapes GPT draws the asked shape in "
-                        "about half of its samples; 64 keep 4 that match, in about a second on a CPU)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k likeliest tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--seed", type=int, default=0, help="the same seed and batch size give the same images")
-    p.add_argument("--batch-size", type=int, default=16, help="candidates sampled at once")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ...; default: cuda if available")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, else fp32")
-    p.add_argument("--out", default="out/samples", help="output folder for the PNGs and grid.png")
+    p.add_argument("--weights", choices=["shapes", "hfai-coco"], default="shapes", help="the shipped shapes world, "
+                   f"or HFAiLab's MS-COCO release (~2.3 GB, downloaded into {data.CACHE / 'hfai-coco'} on first use)")
+    p.add_argument("--clip", help=f"CLIP instead of --weights': one of {clip_lib.available_models()} or a file")
+    p.add_argument("--vqgan", help="VQGAN file instead of --weights' (ours, taming's .ckpt or HFAiLab's)")
+    p.add_argument("--gpt", help="GPT file instead of --weights' (from train_gpt.py, or HFAiLab's gpt_coco.pt)")
+    p.add_argument("--n", type=num(int, 1), help="images kept per prompt (default 4; 8 for HFAiLab's GPT)")
+    p.add_argument("--candidates", type=num(int, 1), help="images sampled per prompt and re-ranked by CLIP (default 64)")
+    p.add_argument("--temperature", type=num(float, 0, lo_open=True), default=1.0, help="softmax temperature")
+    p.add_argument("--top-k", type=num(int, 1), help="sample among the k likeliest tokens (HFAiLab's GPT: 500)")
+    p.add_argument("--top-p", type=num(float, 0, 1, lo_open=True), help="nucleus mass (HFAiLab's GPT: 0.95)")
+    p.add_argument("--cfg", type=num(float, 0, 100), default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--seed", type=num(int, 0), default=0, help="the same seed and batch size give the same images")
+    p.add_argument("--batch-size", type=num(int, 1), default=16, help="candidates sampled at once")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps; default: cuda if available (bfloat16 there)")
+    p.add_argument("--out", default="out/samples", help="each run writes its PNGs and grid.png into a new "
+                   "numbered sub-folder of this folder (000, 001, ...): runs never mix")
     return p
 
 
 if __name__ == "__main__":
-    parser = get_parser()
-    try:
-        main(parser.parse_args())
-    except (ValueError, OSError) as e:
-        parser.exit(2, f"sample.py: error: {e}\n")
+    data.cli(main, get_parser())

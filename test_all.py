@@ -4,6 +4,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
-ASSETS = ROOT.parent / "shared" / "assets"  # the CLIP BPE vocabulary and a test image, beside the checkout
+ASSETS = ROOT / "assets"  # the CLIP BPE vocabulary and a test image, shipped in the repository
 sys.path.insert(0, str(ROOT))
 
 import bench  # noqa: E402
@@ -34,6 +35,7 @@ import train_gpt  # noqa: E402
 import train_vqgan  # noqa: E402
 import vqgan  # noqa: E402
 import vqgan as vq  # noqa: E402
+from scripts import check_hfai_layout as hfai  # noqa: E402  (HFAiLab's file layouts, rebuilt from torch modules)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -180,7 +182,7 @@ REFERENCE_IDS = {
 }
 
 
-def test_tokenize_matches_reference_ids():
+def test_clip_tokenize_matches_reference_ids():
     texts = list(REFERENCE_IDS)
     tokens = clip.tokenize(texts)
     assert tokens.shape == (len(texts), 77) and tokens.dtype == torch.long
@@ -190,7 +192,7 @@ def test_tokenize_matches_reference_ids():
         assert not row[len(ids):].any(), text  # padded with 0
 
 
-def test_tokenize_edge_cases():
+def test_clip_tokenize_edge_cases():
     assert clip.tokenize("a cat").shape == (1, 77)
     explicit = str(ASSETS / "bpe_simple_vocab_16e6.txt.gz")
     assert torch.equal(clip.tokenize("a photo of a cat.", bpe_path=explicit), clip.tokenize("a photo of a cat."))
@@ -203,7 +205,7 @@ def test_tokenize_edge_cases():
     assert tok.decode(tok.encode("a photo of a cat.")) == "a photo of a cat . "
 
 
-def test_tokenize_length_limits():
+def test_clip_tokenize_length_limits():
     assert (clip.tokenize("word " * 75)[0] != 0).sum() == 77  # 75 tokens fit exactly
     text = " ".join(f"word{i % 10}" for i in range(500))
     with pytest.raises(ValueError, match="word0 word1"):
@@ -219,8 +221,7 @@ def tok_ids(text):
 # ---------------------------------------------------------------------------- preprocessing
 
 
-def test_preprocess_clip_png_matches_reference():
-    from PIL import Image
+def test_clip_preprocess_png_matches_reference():
     img = Image.open(ASSETS / "CLIP.png")
     assert img.mode == "RGBA"
     x = clip.preprocess(img, 224)
@@ -233,8 +234,7 @@ def test_preprocess_clip_png_matches_reference():
     assert not torch.equal(x, clip.preprocess(img.convert("RGB"), 224))
 
 
-def test_preprocess_tensor_matches_pil_path():
-    from PIL import Image
+def test_clip_preprocess_tensor_matches_pil_path():
     torch.manual_seed(0)
     u8 = torch.randint(0, 256, (64, 48, 3), dtype=torch.uint8)
     img = Image.fromarray(u8.numpy())
@@ -264,7 +264,7 @@ PUBLISHED = {
 
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
-def test_shape_inference_published_sizes(name):
+def test_clip_shape_inference_published_sizes(name):
     config, n_params, n_keys = PUBLISHED[name]
     with torch.device("meta"):  # shapes only: no memory, no time
         model = clip.CLIP(config)
@@ -282,7 +282,7 @@ def tiny_vit():
                                  vision_patch_size=16, transformer_width=64, transformer_layers=2)).eval()
 
 
-def test_torchscript_archive_round_trip(tmp_path):
+def test_clip_torchscript_archive_round_trip(tmp_path):
     """An archive laid out like OpenAI's (traced; fp16 conv/linear/attention, fp32 embeddings and norms, three
     integer extras) loads into a model equal to the saved one."""
     model = tiny_vit()
@@ -319,7 +319,7 @@ def test_torchscript_archive_round_trip(tmp_path):
     assert torch.equal(li, ri) and torch.equal(lt, li.t())
 
 
-def test_load_state_dict_and_checkpoint(tmp_path):
+def test_clip_load_state_dict_and_checkpoint(tmp_path):
     model = tiny_vit()
     torch.save(model.state_dict(), tmp_path / "sd.pt")
     torch.save({"model": model.state_dict(), "config": {}, "step": 3}, tmp_path / "ckpt.pt")
@@ -332,20 +332,33 @@ def test_load_state_dict_and_checkpoint(tmp_path):
             assert torch.allclose(loaded(image, tokens)[0], want, atol=1e-5)
 
 
+def test_clip_reads_hfai_file_and_tokenizes_their_way():
+    """HFAiLab's clip_vit_b32.pt is a bare OpenAI-keyed state dict (302 tensors, no extras, no attn_mask); their
+    tokenizer gives OpenAI's ids for ordinary prompts (fact sheet: "a photo of a dog")."""
+    with torch.device("meta"):
+        sd = clip.CLIP(clip.Config()).state_dict()  # ViT-B/32 at the defaults
+    assert len(sd) == 302 and not any(k in sd for k in clip.ARCHIVE_EXTRAS) and "attn_mask" not in str(list(sd))
+    assert clip.config_from_state_dict(sd) == clip.Config()
+    assert clip.tokenize("a photo of a dog")[0, :7].tolist() == [49406, 320, 1125, 539, 320, 1929, 49407]
+
+
 def test_clip_strict_load_names_keys(tmp_path):
     sd = tiny_vit().state_dict()
     del sd["visual.ln_post.bias"]
     sd["visual.extra.weight"] = torch.zeros(3)
-    with pytest.raises(ValueError, match=r"visual\.ln_post\.bias.*visual\.extra\.weight"):
-        clip.build_model(sd)
+    with pytest.raises(RuntimeError, match=r"(?s)Missing key.*visual\.ln_post\.bias.*Unexpected key.*visual\.extra\.weight"):
+        clip.build_model(dict(sd))
+    torch.save(sd, tmp_path / "keys.pt")
+    with pytest.raises(data.UserError, match=r"keys.pt does not fit the CLIP.*1 missing \(visual\.ln_post\.bias\)"):
+        data.load_model(clip.load, tmp_path / "keys.pt", "clip")
     with pytest.raises(ValueError, match="unknown CLIP model 'ViT-X/99'.*ViT-B/32"):
         clip.load("ViT-X/99")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read CLIP weights"):
-        clip.load(str(tmp_path / "junk.pt"))
+    with pytest.raises(data.UserError, match="junk.pt is not a PyTorch checkpoint"):
+        data.load_model(clip.load, tmp_path / "junk.pt", "clip")
 
 
-def test_text_pooling_at_first_end_token():
+def test_clip_text_pooling_at_first_end_token():
     model = tiny_vit()
     t = clip.tokenize(["a cat", "a cat <|endoftext|> and more words"])
     with torch.no_grad():
@@ -355,7 +368,7 @@ def test_text_pooling_at_first_end_token():
 # ---------------------------------------------------------------------------- download
 
 
-def test_download_interrupted_leaves_nothing(tmp_path, monkeypatch):
+def test_clip_download_interrupted_leaves_nothing(tmp_path, monkeypatch):
     class Broken(io.BytesIO):
         headers = {"Content-Length": "3000000"}
 
@@ -371,7 +384,7 @@ def test_download_interrupted_leaves_nothing(tmp_path, monkeypatch):
     assert list(root.iterdir()) == []
 
 
-def test_download_hash_mismatch_redownloads(tmp_path):
+def test_clip_download_hash_mismatch_redownloads(tmp_path):
     payload = b"the right bytes" * 1000
     src = tmp_path / "src.bin"
     src.write_bytes(payload)
@@ -379,29 +392,33 @@ def test_download_hash_mismatch_redownloads(tmp_path):
     root = tmp_path / "cache"
     root.mkdir()
     (root / "src.bin").write_bytes(b"truncated")
-    with pytest.warns(UserWarning, match="SHA256 does not match"):
-        path = clip.download(src.as_uri(), str(root), sha256=sha)
+    path = clip.download(src.as_uri(), str(root), sha256=sha)  # the wrong file is replaced
     assert Path(path).read_bytes() == payload and sorted(os.listdir(root)) == ["src.bin"]
     with pytest.raises(RuntimeError, match="SHA256"):  # served bytes themselves wrong: error, nothing kept
         clip.download(src.as_uri(), str(tmp_path / "other"), sha256="0" * 64)
     assert os.listdir(tmp_path / "other") == []
 
 
-def test_default_root_honours_xdg(monkeypatch, tmp_path):
+def test_clip_default_root_honours_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert clip.default_root() == str(tmp_path / "clip")
 
 
-def test_cli_bad_inputs(tmp_path):
-    import argparse
-    args = argparse.Namespace(model="ViT-B/32", image=str(tmp_path / "missing.jpg"), text=["a"], device="cpu",
-                              download_root=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="missing.jpg not found"):
-        clip.main(args)
+def test_clip_cli_zero_shot_and_bad_inputs(tmp_path, capsys):
+    torch.save(tiny_vit().state_dict(), tmp_path / "tiny.pt")
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    probs = clip.main(["--model", str(tmp_path / "tiny.pt"), "--image", str(tmp_path / "red.png"), "--text", "a", "b"])
+    assert len(probs) == 2 and abs(sum(probs) - 1) < 1e-5 and "  a\n" in capsys.readouterr().out
     (tmp_path / "bad.jpg").write_bytes(b"no image")
-    args.image = str(tmp_path / "bad.jpg")
-    with pytest.raises(ValueError, match="cannot read image"):
-        clip.main(args)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for argv, message in [(["--image", str(tmp_path / "missing.jpg")], "cannot read --image .*missing.jpg"),
+                          (["--image", str(tmp_path / "bad.jpg")], "cannot read --image .*bad.jpg"),
+                          (["--image", str(tmp_path / "red.png"), "--model", str(tmp_path / "junk.pt")],
+                           "cannot load --model .*junk.pt")]:
+        with pytest.raises(SystemExit) as e:
+            clip.main(argv + ["--text", "a"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and re.match("clip.py: error: " + message, err), err
 
 # ---------------------------------------------------------------------------- train_clip
 
@@ -455,7 +472,7 @@ def images(n=2, res=32, seed=0):
     return torch.rand(n, 3, res, res, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def test_shapes_round_trip():
+def test_vqgan_round_trip_shapes():
     m = tiny_model()
     x = images(3)
     idx = m.encode(x)
@@ -470,7 +487,7 @@ def test_shapes_round_trip():
     assert m.encode(images(1, 48)[:, :, :, :32].contiguous()).shape == (1, 12, 8)
 
 
-def test_straight_through_gradient_reaches_encoder():
+def test_vqgan_straight_through_gradient_reaches_encoder():
     m = tiny_model().train()
     xrec, qloss, _ = m(images())
     (xrec - images()).abs().mean().backward()  # reconstruction loss only: its gradient must cross the quantizer
@@ -479,7 +496,7 @@ def test_straight_through_gradient_reaches_encoder():
 
 
 @pytest.mark.parametrize("legacy", [True, False])
-def test_legacy_beta_placement(legacy):
+def test_vqgan_legacy_beta_placement(legacy):
     cfg = replace(TINY, legacy=legacy, n_embed=8, embed_dim=4)
     q = vqgan.VectorQuantizer(cfg)
     with torch.no_grad():
@@ -527,7 +544,7 @@ def fake_lightning_ckpt(model, path):
             del sys.modules[name]  # loading must work without it
 
 
-def test_load_taming_ckpt_without_lightning(tmp_path, capsys):
+def test_vqgan_loads_taming_ckpt_without_lightning(tmp_path, capsys):
     m = tiny_model(l2_norm=False, restart_every=0)  # taming: legacy=True, raw codes
     path = tmp_path / "last.ckpt"
     fake_lightning_ckpt(m, path)
@@ -549,7 +566,7 @@ def test_load_taming_ckpt_without_lightning(tmp_path, capsys):
     assert m3.config == m.config and m3.encoder.conv_in.weight.dtype == torch.float32
 
 
-def test_f16_16384_layout_inferred_on_meta():
+def test_vqgan_f16_16384_layout_inferred_on_meta():
     with torch.device("meta"):
         m = vqgan.VQGAN(vqgan.Config(**vqgan.PRESETS["f16-16384"]))
     sd = m.state_dict()
@@ -575,8 +592,54 @@ def test_vqgan_strict_load_names_keys(tmp_path):
     del ck["model"]["decoder.conv_out.bias"]
     ck["model"]["decoder.extra.weight"] = torch.zeros(1)
     torch.save(ck, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"missing keys \['decoder.conv_out.bias'\].*unexpected keys \['decoder.extra"):
+    with pytest.raises(RuntimeError, match=r'(?s)Missing key.*"decoder.conv_out.bias".*Unexpected key.*"decoder.extra'):
         vqgan.VQGAN.from_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(data.UserError, match=r"bad.pt does not fit the VQGAN it describes: 1 missing \(decoder.conv_out"
+                                             r".bias\); 1 unexpected \(decoder.extra.weight\) — is it complete\?$"):
+        data.load_model(vqgan.VQGAN.from_checkpoint, tmp_path / "bad.pt", "vqgan")
+
+
+@pytest.fixture(scope="module")
+def hfai_files(tmp_path_factory):
+    """Files in HFAiLab's exact layouts at small sizes (their topology: f16 levels, 2 res blocks, attention at 16x16;
+    a 2 x 128 GPT over 256 tokens), loaded by ours and compared with their modules: scripts/check_hfai_layout.py,
+    which also runs at the real sizes."""
+    folder = tmp_path_factory.mktemp("hfai")
+    figures = hfai.compare(folder, ch=32, z=32, codes=64, n_layer=2, C=128, vocab=64, res=32)
+    hfai.clip_file(folder / "clip_vit_b32.pt", embed_dim=512, image_resolution=32, vision_layers=1, vision_width=64,
+                   vision_patch_size=16, transformer_width=64, transformer_layers=1)
+    return folder, figures
+
+
+def test_vqgan_reads_hfai_release_layout(hfai_files, capsys):
+    folder, r = hfai_files
+    assert r["indices_equal"] == r["indices"] == 8 and r["decode_max_abs"] < 1e-4 < r["decode_range"]
+    ck = torch.load(folder / "vqgan_coco.pt", weights_only=True)
+    assert set(ck) == {"model", "epoch"} and len(ck["model"]) == 337  # the release's count, 22 of them discriminator.*
+    m = vqgan.VQGAN.from_checkpoint(ck)  # a loaded dict works as well as a path
+    assert "HFAiLab CLIP-GEN checkpoint, epoch 0, 343 tensors (22 discriminator.* dropped)" in capsys.readouterr().out
+    assert m.config.norm_eps == 1e-5 and m.encoder.mid.attn_1.norm.eps == 1e-5 and m.config.grid == 16
+    # every mapped tensor is the file's, and the single-head in_proj rows are q, k, v in that order
+    attn = ck["model"]["encoder.mid.1.attn.in_proj_weight"]
+    for i, name in enumerate("qkv"):
+        assert torch.equal(getattr(m.encoder.mid.attn_1, name).weight[:, :, 0, 0], attn[32 * 4 * i:32 * 4 * (i + 1)])
+    assert torch.equal(m.decoder.up[4].attn[2].proj_out.weight[:, :, 0, 0],
+                       ck["model"]["decoder.up.5.attn.out_proj.weight"])
+    assert torch.equal(m.quant_conv.weight, ck["model"]["encoder.final.3.weight"])
+    # an unknown key is named by the strict load, not dropped
+    ck["model"]["encoder.final.9.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "encoder.final.9.weight"'):
+        vqgan.VQGAN.from_checkpoint(ck)
+
+
+def test_vqgan_refuses_truncated_and_wrong_kind_of_file(hfai_files, tmp_path):
+    folder, _ = hfai_files
+    (tmp_path / "cut.pt").write_bytes((folder / "vqgan_coco.pt").read_bytes()[:100_000])
+    with pytest.raises(data.UserError, match="cut.pt is truncated or corrupt"):
+        data.load_model(vqgan.VQGAN.from_checkpoint, tmp_path / "cut.pt", "vqgan")
+    with pytest.raises(data.UserError, match=r"gpt_coco.pt is a GPT \(HFAiLab's release layout, no null condition\), "
+                                             r"not a VQGAN checkpoint — pass it as --gpt"):
+        data.load_model(vqgan.VQGAN.from_checkpoint, folder / "gpt_coco.pt", "vqgan")
 
 
 def vqgan_train_args(out, *extra):
@@ -680,7 +743,7 @@ def tiny_gpt(seed=0, **kw):
     return model
 
 
-def test_causality_and_prefix_shapes():
+def test_gpt_causality_and_prefix_shapes():
     model = tiny_gpt()
     x, c = torch.randint(0, 16, (2, 15)), torch.randn(2, 8)
     logits, loss = model(x, c, targets=torch.randint(0, 16, (2, 16)))
@@ -697,7 +760,7 @@ def test_causality_and_prefix_shapes():
     assert torch.allclose(model(x, 3 * c)[0], logits, atol=1e-6)
 
 
-def test_null_condition_matches_dropped_rows():
+def test_gpt_null_condition_matches_dropped_rows():
     model = tiny_gpt()
     x, c = torch.randint(0, 16, (3, 15)), torch.randn(3, 8)
     drop = torch.tensor([True, False, True])
@@ -708,7 +771,7 @@ def test_null_condition_matches_dropped_rows():
 
 @pytest.mark.parametrize("kw", [dict(temperature=0), dict(top_k=5, top_p=0.9), dict(cfg_scale=3.0, temperature=0.8),
                                 dict(prefix=True, top_k=8)])
-def test_kv_cache_equals_full_recomputation(kw):
+def test_gpt_kv_cache_equals_full_recomputation(kw):
     model = tiny_gpt()
     c = torch.randn(4, 8)
     if kw.get("prefix"):
@@ -720,7 +783,7 @@ def test_kv_cache_equals_full_recomputation(kw):
         assert torch.equal(a[:, :5], kw["prefix"])
 
 
-def test_guidance_matches_manual_formula_and_scale_one_is_conditional():
+def test_gpt_guidance_matches_manual_formula_and_scale_one_is_conditional():
     model = tiny_gpt()
     c = torch.randn(3, 8)
     for s in (1.0, 3.0):
@@ -736,7 +799,7 @@ def test_guidance_matches_manual_formula_and_scale_one_is_conditional():
     assert not torch.equal(model.generate(c, cfg_scale=8.0, generator=g()), model.generate(c, generator=g()))
 
 
-def test_sampling_filters():
+def test_gpt_sampling_filters():
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]]).repeat(500, 1)
     g = torch.Generator().manual_seed(0)
     assert set(gpt.sample_logits(logits, top_k=2, generator=g).tolist()) == {0, 1}
@@ -744,7 +807,7 @@ def test_sampling_filters():
     assert gpt.sample_logits(logits[:2], temperature=0).tolist() == [0, 0]
 
 
-def test_checkpoint_roundtrip_and_mfu_helpers(tmp_path):
+def test_gpt_checkpoint_roundtrip_and_mfu_helpers(tmp_path):
     model = tiny_gpt()
     torch.save(model.checkpoint(step=3), tmp_path / "g.pt")
     loaded = gpt.GPT.from_checkpoint(tmp_path / "g.pt")
@@ -758,6 +821,38 @@ def test_checkpoint_roundtrip_and_mfu_helpers(tmp_path):
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     assert id(model.head.weight) in decayed and id(model.tok_emb.weight) not in decayed
     assert id(model.null_cond) not in decayed and id(model.ln_f.weight) not in decayed
+
+
+def test_gpt_reads_hfai_release_layout(hfai_files, capsys):
+    folder, r = hfai_files
+    assert r["logits_max_abs"] < 1e-4 < r["logits_range"] and r["greedy_equal"] == r["greedy"] == 512
+    ck = torch.load(folder / "gpt_coco.pt", weights_only=True)
+    assert len(ck["model"]) == 8 + 2 * 13 and ck["model"]["blocks.0.mask"].dtype == torch.bool
+    m = gpt.GPT.from_checkpoint(folder / "gpt_coco.pt")
+    assert "causal-mask buffers dropped, no null condition" in capsys.readouterr().out
+    c = m.config
+    assert (c.n_layer, c.n_embd, c.n_head, c.vocab_size, c.block_size, c.cond_dim) == (2, 128, 2, 64, 256, 512)
+    assert c.head_bias and not c.null_cond and torch.equal(m.head.bias, ck["model"]["head.bias"])
+    assert torch.equal(m.pos_emb.weight, ck["model"]["pos_emb"][0]) and not hasattr(m, "null_cond")
+    # no trained null condition: guidance and unconditional sampling are refused with one sentence
+    e = torch.randn(2, 512)
+    for call in (lambda: m.generate(e, cfg_scale=3.0), lambda: m(torch.zeros(1, 0, dtype=torch.long), None)):
+        with pytest.raises(ValueError, match="^this GPT has no trained null condition .*classifier-free guidance is "
+                                             "not available$"):
+            call()
+    assert m.generate(e, cfg_scale=1.0, top_k=5).shape == (2, 256)
+    # our own GPTs keep their null token and no head bias
+    assert gpt.Config().null_cond and not gpt.Config().head_bias
+
+
+def test_gpt_refuses_wrong_kind_of_file(hfai_files, tmp_path):
+    folder, _ = hfai_files
+    with pytest.raises(data.UserError, match=r"vqgan_coco.pt is a VQGAN \(HFAiLab's release layout\), not a GPT "
+                                             r"checkpoint — pass it as --vqgan"):
+        data.load_model(gpt.GPT.from_checkpoint, folder / "vqgan_coco.pt", "gpt")
+    (tmp_path / "cut.pt").write_bytes((folder / "gpt_coco.pt").read_bytes()[:50_000])
+    with pytest.raises(data.UserError, match="cut.pt is truncated or corrupt"):
+        data.load_model(gpt.GPT.from_checkpoint, tmp_path / "cut.pt", "gpt")
 
 
 # -----------------------------------------------------------------------------
@@ -898,21 +993,32 @@ def args_for(ckpts, out, *prompts, **overrides):
     return a
 
 
-def test_main_writes_n_images_per_prompt_and_is_deterministic(ckpts, tmp_path):
+def run_cli(argv, capsys):
+    """sample.py's command line in-process: (exit status, stdout, stderr)."""
+    try:
+        data.cli(sample.main, sample.get_parser(), argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sample_writes_n_images_per_prompt_deterministically_in_a_new_folder_per_run(ckpts, tmp_path):
     a = args_for(ckpts, tmp_path / "a", "a red circle", "a blue square", n=3, candidates=5, seed=7, batch_size=4)
     paths, scores = sample.main(a)
-    assert len(paths) == 6 and all(p.is_file() for p in paths) and (tmp_path / "a" / "grid.png").is_file()
+    assert len(paths) == 6 and all(p.is_file() for p in paths) and paths[0].parent == tmp_path / "a" / "000"
+    assert (tmp_path / "a" / "000" / "grid.png").is_file()
     assert scores.shape == (2, 3) and torch.all(scores[:, :-1] >= scores[:, 1:])  # best first
-    paths2, scores2 = sample.main(args_for(ckpts, tmp_path / "b", "a red circle", "a blue square",
-                                           n=3, candidates=5, seed=7, batch_size=4))
-    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in paths2]
-    assert torch.equal(scores, scores2)
+    paths2, scores2 = sample.main(a)  # the same --out again: a new sub-folder, the first run untouched
+    assert paths2[0].parent == tmp_path / "a" / "001" and sorted(os.listdir(tmp_path / "a")) == ["000", "001"]
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in paths2] and torch.equal(scores, scores2)
     paths3, _ = sample.main(args_for(ckpts, tmp_path / "c", "a red circle", "a blue square",
                                      n=3, candidates=5, seed=8, batch_size=4))
     assert [p.read_bytes() for p in paths] != [p.read_bytes() for p in paths3]
 
 
-def test_reranking_keeps_the_highest_scoring_candidates(ckpts):
+def test_sample_reranking_keeps_the_highest_scoring_candidates(ckpts):
     models = sample.load_models(**ckpts)
     cond = sample.text_embeddings(models, ["a red circle", "a green star"])
     # all 6 candidates, unranked order is irrelevant: the kept 2 must be the top 2 of the 6 scores
@@ -921,7 +1027,7 @@ def test_reranking_keeps_the_highest_scoring_candidates(ckpts):
     assert kept.shape == (2, 2, 32, 32, 3) and kept.dtype == torch.uint8
     assert torch.allclose(kept_scores, every_scores.topk(2, dim=1).values)
     assert torch.equal(kept, every[:, :2])
-    # the score is the CLIP cosine of the kept image with the prompt
+    # the score is the CLIP cosine of the kept image, CLIP-normalised, with the prompt
     x = kept[0, 0].permute(2, 0, 1).float().div(127.5).sub(1)[None]
     e = models.clip.encode_image(clip.preprocess_tensor(x, 32))
     assert torch.allclose(torch.nn.functional.normalize(e, dim=-1) @ cond[0], kept_scores[0, 0], atol=2e-2)
@@ -929,8 +1035,7 @@ def test_reranking_keeps_the_highest_scoring_candidates(ckpts):
     assert floats.shape == (1, 1, 3, 32, 32) and 0 <= floats.min() and floats.max() <= 1
 
 
-def test_image_variations_and_prompt_file(ckpts, tmp_path):
-    from PIL import Image
+def test_sample_image_variations_and_prompt_file(ckpts, tmp_path):
     Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
     (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
     a = args_for(ckpts, tmp_path / "o", n=1, candidates=2, image=[str(tmp_path / "red.png")],
@@ -939,78 +1044,163 @@ def test_image_variations_and_prompt_file(ckpts, tmp_path):
     assert len(paths) == 3 and scores.shape == (3, 1)
 
 
+@pytest.mark.parametrize("flag", ["--cfg", "--temperature", "--top-k", "--top-p", "--n", "--candidates", "--seed",
+                                  "--batch-size"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "1e999", "99999999999999999999"])
+def test_sample_numeric_flags_are_checked_by_name_before_loading(flag, value, capsys):
+    if flag == "--temperature" and value == "99999999999999999999":
+        return  # a finite temperature, however large, is a valid (uniform) one
+    with pytest.raises(SystemExit) as e:
+        sample.get_parser().parse_args(["a red circle", flag, value, "--gpt", "/nowhere/gpt.pt"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith(f"sample.py: error: argument {flag}: "), err
+    assert "Traceback" not in err and (value in err or "1e999" == value)
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "0"), ("--top-p", "0"), ("--top-p", "1.5"), ("--n", "0"),
+                                         ("--top-k", "0"), ("--candidates", "0"), ("--batch-size", "0")])
+def test_sample_zero_and_out_of_range_flags_are_refused(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        sample.get_parser().parse_args(["a red circle", flag, value])
+    assert f"argument {flag}: {value} is out of range" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("overrides, message", [
-    (dict(prompt=[" "]), "empty prompt"),
-    (dict(prompt=[]), "nothing to draw"),
-    (dict(top_p=0.0), "top-p"), (dict(top_p=1.5), "top-p"), (dict(temperature=0.0), "temperature"),
-    (dict(temperature=-1.0), "temperature"), (dict(n=0), "--n"), (dict(n=4, candidates=2), "candidates"),
-    (dict(cfg=-1.0), "cfg"), (dict(top_k=0), "top-k"), (dict(batch_size=0), "batch-size"),
-    (dict(image=["does/not/exist.png"]), "cannot read --image"),
+    (dict(prompt=[" "]), "empty prompt — describe the image"),
+    (dict(prompt=[]), "nothing to draw — give a prompt"),
+    (dict(image=["does/not/exist.png"]), r"cannot read --image \(FileNotFoundError.*does/not/exist.png"),
+    (dict(prompts="none.txt"), "--prompts none.txt: no such file"),
+    (dict(device="tpu"), "--device tpu: unknown device — use cpu, cuda, cuda:N or mps"),
+    (dict(device="cuda"), "--device cuda: CUDA is not available here" if not torch.cuda.is_available() else
+     "--device cuda: "),
 ])
-def test_bad_input_is_refused(ckpts, tmp_path, overrides, message):
+def test_sample_bad_input_is_refused(ckpts, tmp_path, overrides, message):
     a = args_for(ckpts, tmp_path, "a red circle", **{"n": 1, "candidates": 1, **overrides})
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(data.UserError, match=message):
         sample.main(a)
 
 
-def test_unreadable_image_file_is_refused(ckpts, tmp_path):
+def test_sample_unusable_out_and_unreadable_image_fail_before_sampling(ckpts, tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
-    with pytest.raises(ValueError, match="cannot read --image"):
+    with pytest.raises(data.UserError, match="cannot read --image .*bad.png"):
         sample.main(args_for(ckpts, tmp_path, image=[str(tmp_path / "bad.png")]))
+    (tmp_path / "file").write_text("not a folder")
+    missing = dict(gpt=str(tmp_path / "nope.pt"))  # a model load would fail later: the --out check comes first
+    with pytest.raises(data.UserError, match="--out .*file is a file — pass a folder"):
+        sample.main(args_for({**ckpts, **missing}, tmp_path / "file", "a red circle"))
 
 
-def test_missing_prompts_file_is_refused(ckpts, tmp_path):
-    with pytest.raises(FileNotFoundError, match="--prompts"):
-        sample.main(args_for(ckpts, tmp_path, prompts=str(tmp_path / "none.txt")))
-
-
-def test_long_prompt_is_truncated_with_a_warning(ckpts, tmp_path):
+def test_sample_long_prompt_is_truncated_with_a_warning(ckpts, tmp_path):
     with pytest.warns(UserWarning, match="truncated"):
         paths, _ = sample.main(args_for(ckpts, tmp_path, "a red circle " * 40, n=1, candidates=1))
     assert len(paths) == 1
 
 
-def test_missing_checkpoint_names_its_maker(ckpts, tmp_path):
-    with pytest.raises(FileNotFoundError, match="train_gpt.py"):
-        sample.load_models(ckpts["clip"], ckpts["vqgan"], str(tmp_path / "nope.pt"))
-    with pytest.raises(FileNotFoundError, match="train_vqgan.py"):
-        sample.load_models(ckpts["clip"], str(tmp_path / "nope.pt"), ckpts["gpt"])
-    with pytest.raises(FileNotFoundError, match="train_clip.py"):
-        sample.load_models(str(tmp_path / "nope.pt"), ckpts["vqgan"], ckpts["gpt"])
-    if not all((ROOT / p).is_file() for p in sample.SHIPPED.values()):
-        with pytest.raises(FileNotFoundError, match="scripts/train_shapes.sh"):
-            sample.load_models()
+def test_sample_bad_checkpoint_files_give_one_line(ckpts, tmp_path, capsys):
+    (tmp_path / "cut.pt").write_bytes(Path(ckpts["gpt"]).read_bytes()[:2000])
+    (tmp_path / "random.pt").write_bytes(os.urandom(4000))
+    torch.save({"model": types.SimpleNamespace}, tmp_path / "code.pt")  # a pickled class: code, not tensors
+    cases = [(dict(gpt=str(tmp_path / "nope.pt")), "nope.pt: no such file"),
+             (dict(gpt=str(tmp_path / "cut.pt")), "cut.pt is truncated or corrupt"),
+             (dict(gpt=str(tmp_path / "random.pt")), "random.pt is not a PyTorch checkpoint"),
+             (dict(gpt=str(tmp_path / "code.pt")), "code.pt holds pickled Python code"),
+             (dict(gpt=ckpts["vqgan"]), "vqgan.pt is a VQGAN (a clipgen checkpoint), not a GPT checkpoint — pass it "
+                                        "as --vqgan"),
+             (dict(vqgan=ckpts["gpt"]), "gpt.pt is a GPT (a clipgen checkpoint), not a VQGAN checkpoint"),
+             (dict(clip=ckpts["gpt"]), "gpt.pt is a GPT (a clipgen checkpoint), not a CLIP checkpoint")]
+    for kw, message in cases:
+        paths = {**ckpts, **kw}
+        code, _, err = run_cli(["a red circle", "--out", str(tmp_path / "o"), "--clip", paths["clip"], "--vqgan",
+                                paths["vqgan"], "--gpt", paths["gpt"]], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err and "weights_only=False" not in err, err
 
 
-@pytest.mark.parametrize("kw, message", [(dict(vocab=32), "codebook"), (dict(tokens=16), "grid"),
+@pytest.mark.parametrize("kw, message", [(dict(vocab=32), "codes"), (dict(tokens=16), "grid"),
                                          (dict(cond_dim=16), "-d conditions")])
-def test_mismatched_checkpoints_are_refused(ckpts, tmp_path, kw, message):
+def test_sample_mismatched_checkpoints_are_refused(ckpts, tmp_path, kw, message):
     other = tiny_checkpoints(tmp_path, **kw)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(data.UserError, match=message):
         sample.load_models(ckpts["clip"], ckpts["vqgan"], other["gpt"])
 
 
-def test_gpt_trained_with_another_vqgan_file_is_refused(ckpts, tmp_path):
+def test_sample_gpt_trained_with_another_vqgan_file_is_refused(ckpts, tmp_path, capsys):
     # same sizes, different weights: only the sha256 that train_gpt.py records in data_meta can tell
     other = tiny_checkpoints(tmp_path, seed=1)
     for name, vq_file in (("ok", ckpts["vqgan"]), ("bad", other["vqgan"])):
         ck = torch.load(ckpts["gpt"], weights_only=True)
-        ck["data_meta"] = {"vqgan": vq_file, "vqgan_sha256": sample.fingerprint(vq_file),
-                           "clip": ckpts["clip"], "clip_sha256": sample.fingerprint(ckpts["clip"])}
+        ck["data_meta"] = {"vqgan": vq_file, "vqgan_sha256": data.file_sha256(vq_file),
+                           "clip": ckpts["clip"], "clip_sha256": data.file_sha256(ckpts["clip"])}
         torch.save(ck, tmp_path / f"gpt_{name}.pt")
+    capsys.readouterr()
     sample.load_models(ckpts["clip"], ckpts["vqgan"], str(tmp_path / "gpt_ok.pt"))
-    with pytest.raises(ValueError, match="tokens were made with vqgan"):
+    assert "note:" not in capsys.readouterr().out  # a GPT with a provenance record gets no note
+    with pytest.raises(data.UserError, match="training data was made with vqgan"):
         sample.load_models(ckpts["clip"], ckpts["vqgan"], str(tmp_path / "gpt_bad.pt"))
+    sample.load_models(**ckpts)
+    assert "records no CLIP or VQGAN file it was trained with" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not all((ROOT / p).is_file() for p in sample.SHIPPED.values()),
+def test_sample_shapes_models_note_prompts_outside_their_world(ckpts, tmp_path, capsys):
+    ck = torch.load(ckpts["gpt"], weights_only=True)
+    ck["data_meta"] = {"dataset": "shapes"}
+    torch.save(ck, tmp_path / "gpt_shapes.pt")
+    for prompt, note in [("oil painting of a dog", True), ("an orange star on a large white background", False)]:
+        sample.main(args_for(ckpts, tmp_path / "o", prompt, n=1, candidates=1, gpt=str(tmp_path / "gpt_shapes.pt")))
+        out = capsys.readouterr().out
+        assert ("know only coloured shapes, not dog, of, oil, painting; for real images: python sample.py \"oil "
+                "painting of a dog\" --weights hfai-coco" in out) == note, out
+
+
+def test_sample_runs_hfai_release_files_with_their_demo_settings(hfai_files, tmp_path, capsys):
+    folder, _ = hfai_files
+    files = [f"--{k}={folder / n}" for k, n in sample.HFAI_FILES.items()]
+    code, out, err = run_cli(["a photo of a dog", "--n", "1", "--candidates", "2", "--out", str(tmp_path)] + files,
+                             capsys)
+    assert code == 0, err
+    assert "records no CLIP or VQGAN file it was trained with" in out  # no provenance record: a one-line note
+    assert "best of 2 by CLIP score; top-k 500, top-p 0.95" in out  # HFAiLab's demo.py settings by default
+    png = Image.open(tmp_path / "000" / "000-a-photo-of-a-dog-0.png")
+    assert png.size == (256, 256) and (tmp_path / "000" / "grid.png").is_file()
+    code, _, err = run_cli(["a photo of a dog", "--cfg", "3", "--out", str(tmp_path)] + files, capsys)
+    assert code == 2 and err == ("sample.py: error: --cfg 3.0: this GPT has no trained null condition (HFAiLab's "
+                                 "COCO GPT was trained without condition dropout), so classifier-free guidance is not "
+                                 "available — use --cfg 1\n")
+
+
+def test_sample_fetches_the_release_once_and_checks_it_after(hfai_files, tmp_path, monkeypatch, capsys):
+    folder, _ = hfai_files
+    monkeypatch.setenv("CLIPGEN_HFAI_URL", folder.as_uri())  # a file:// URL stands in for GitHub's release page
+    cache = tmp_path / "cache"
+    paths = sample.fetch_release(cache)
+    assert paths == {k: str(cache / n) for k, n in sample.HFAI_FILES.items()}
+    sums = json.loads((cache / "sha256.json").read_text())
+    assert sums == {n: data.file_sha256(folder / n) for n in sample.HFAI_FILES.values()}
+    assert sorted(os.listdir(cache)) == sorted([*sample.HFAI_FILES.values(), "sha256.json"])  # no temp files left
+    monkeypatch.setenv("CLIPGEN_HFAI_URL", (tmp_path / "offline").as_uri())  # no source now: the cache serves
+    assert sample.fetch_release(cache) == paths
+    with open(cache / "vqgan_coco.pt", "r+b") as f:  # a changed file is refused, not used
+        f.seek(1000)
+        f.write(b"\0" * 8)
+    with pytest.raises(data.UserError, match="vqgan_coco.pt changed since it was first fetched .* — delete it"):
+        sample.fetch_release(cache)
+    (cache / "vqgan_coco.pt").unlink()
+    with pytest.raises(data.UserError, match="cannot download .*vqgan_coco.pt .* put it at .*cache/vqgan_coco.pt"):
+        sample.fetch_release(cache)  # offline: where to put the file by hand
+    # the whole command: --weights hfai-coco fetches into the cache folder
+    monkeypatch.setenv("CLIPGEN_HFAI_URL", folder.as_uri())
+    monkeypatch.setattr(data, "CACHE", tmp_path / "c2")
+    code, out, err = run_cli(["a photo of a dog", "--weights", "hfai-coco", "--n", "1", "--candidates", "1", "--out",
+                              str(tmp_path / "o")], capsys)
+    assert code == 0 and (tmp_path / "c2" / "hfai-coco" / "sha256.json").is_file(), err
+
+
+@pytest.mark.skipif(not all(Path(p).is_file() for p in sample.SHIPPED.values()),
                     reason="checkpoints/shapes/*.pt not built yet: run scripts/train_shapes.sh")
-def test_shipped_checkpoints_make_images_deterministically(tmp_path):
+def test_sample_shipped_checkpoints_make_images_deterministically(tmp_path):
     a = sample.get_parser().parse_args(["a red circle on a blue background", "--n", "2", "--candidates", "4",
-                                        "--device", "cpu", "--out", str(tmp_path / "a")])
+                                        "--device", "cpu", "--out", str(tmp_path)])
     paths, scores = sample.main(a)
     assert len(paths) == 2 and all(p.is_file() for p in paths)
-    a.out = str(tmp_path / "b")
     paths2, scores2 = sample.main(a)
     assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in paths2] and torch.equal(scores, scores2)
 

@@ -4,12 +4,13 @@ Wang et al. 2022, sec. 3.1). An image (B, 3, H, W) in [-1, 1] becomes a grid of 
 
 The module and parameter names are taming-transformers' (CompVis/taming-transformers, `VQModel`), so its public
 checkpoints (`vqgan_imagenet_f16_16384`, `..._f16_1024`, pytorch-lightning `.ckpt` files) load with a copy loop:
-`VQGAN.from_checkpoint(path)` reads them without lightning and without unpickling anything unsafe.
+`VQGAN.from_checkpoint(path)` reads them without lightning and without unpickling anything unsafe. It also reads
+HFAiLab's released CLIP-GEN COCO VQGAN (`vqgan_coco.pt`) through the key map at the end of this file.
 Our own checkpoints are `{"model": state_dict, "config": dict, "step": int}`.
 """
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -28,8 +29,8 @@ class Config:
     z_channels: int = 256             # encoder output width before quant_conv
     double_z: bool = False            # taming's VAE option; VQGAN never uses it, kept so configs map 1:1
     dropout: float = 0.0
-    norm_groups: int = 32             # GroupNorm groups (taming: 32). With 32 channels, 32 groups is a per-channel
-                                      # instance norm that erases a flat image's colour: small widths need fewer
+    norm_groups: int = 32             # GroupNorm groups (taming: 32); 0 = no normalisation (the shapes preset)
+    norm_eps: float = 1e-6            # GroupNorm eps: taming's 1e-6; HFAiLab's plain nn.GroupNorm uses 1e-5
     n_embed: int = 16384              # codebook size (= GPT vocabulary)
     embed_dim: int = 256              # code vector width (quant_conv maps z_channels -> embed_dim)
     beta: float = 0.25                # commitment weight
@@ -47,13 +48,9 @@ PRESETS = {
     # the paper's tokenizer = taming's vqgan_imagenet_f16_16384: 256 px -> 16x16 tokens, 76.1M parameters
     "f16-16384": dict(),
     "f16-1024": dict(n_embed=1024),
-    # shapes world, 32 px -> f4 -> 8x8 = 64 tokens (the GPT must model h*w tokens on a CPU). Measured on 2 CPU cores:
-    # the taming layout at 64 px / f8 learns too slowly (held-out L1 0.33 after 500 steps), and 32 px / f4 costs a
-    # quarter per image, each token covering a 4x4 patch. No GroupNorm (norm_groups=0): per-image normalisation erases
-    # the absolute colour of flat images; with it, reconstructions kept the outlines but collapsed to two colours
-    # (L1 0.40 after 400 steps), without it the same run reached 0.28 after 100. Attention only in the mid block;
-    # 512 l2-normalised 16-d codes (ViT-VQGAN's low-dim cosine lookup) with restarts every 10 steps. Restarts buy
-    # usage with near-duplicate codes (without them: 137 of 512 used, same L1), which did not limit the GPT (README).
+    # shapes world, 32 px -> f4 -> 8x8 = 64 tokens, small enough for a CPU; no GroupNorm, because per-image
+    # normalisation erases the absolute colour of flat images; l2-normalised 16-d codes with restarts against dead
+    # codes. The runs that chose these settings: docs/results.md ("The shapes world")
     "shapes": dict(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), norm_groups=0,
                    z_channels=64, n_embed=512, embed_dim=16, legacy=False, l2_norm=True, restart_every=10),
     # the smallest thing that exercises every code path (attention at 8 px included), for tests
@@ -62,10 +59,10 @@ PRESETS = {
 }
 
 
-def Normalize(c, groups=32):
-    if groups == 0:  # the shapes preset: no normalisation at all (see its comment)
+def Normalize(c, cfg):
+    if cfg.norm_groups == 0:  # the shapes preset: no normalisation at all (see its comment)
         return nn.Identity()
-    return nn.GroupNorm(num_groups=groups, num_channels=c, eps=1e-6, affine=True)  # taming: 32 groups, eps 1e-6
+    return nn.GroupNorm(num_groups=cfg.norm_groups, num_channels=c, eps=cfg.norm_eps, affine=True)
 
 
 def swish(x):
@@ -73,11 +70,11 @@ def swish(x):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, cin, cout, dropout, groups):
+    def __init__(self, cin, cout, cfg):
         super().__init__()
-        self.norm1, self.conv1 = Normalize(cin, groups), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = Normalize(cout, groups), nn.Conv2d(cout, cout, 3, padding=1)
-        self.dropout = nn.Dropout(dropout)
+        self.norm1, self.conv1 = Normalize(cin, cfg), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = Normalize(cout, cfg), nn.Conv2d(cout, cout, 3, padding=1)
+        self.dropout = nn.Dropout(cfg.dropout)
         if cin != cout:
             self.nin_shortcut = nn.Conv2d(cin, cout, 1)  # taming's name for the 1x1 projection shortcut
 
@@ -90,9 +87,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the h*w positions, with taming's 1x1-conv q/k/v/proj_out."""
 
-    def __init__(self, c, groups):
+    def __init__(self, c, cfg):
         super().__init__()
-        self.norm = Normalize(c, groups)
+        self.norm = Normalize(c, cfg)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):
@@ -123,10 +120,10 @@ class Upsample(nn.Module):
 
 
 class Mid(nn.Module):
-    def __init__(self, c, dropout, groups):
+    def __init__(self, c, cfg):
         super().__init__()
-        self.block_1, self.attn_1 = ResnetBlock(c, c, dropout, groups), AttnBlock(c, groups)
-        self.block_2 = ResnetBlock(c, c, dropout, groups)
+        self.block_1, self.attn_1 = ResnetBlock(c, c, cfg), AttnBlock(c, cfg)
+        self.block_2 = ResnetBlock(c, c, cfg)
 
     def forward(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -135,10 +132,10 @@ class Mid(nn.Module):
 class Level(nn.Module):
     """One resolution level: res blocks (each followed by attention where configured), then an optional resample."""
 
-    def __init__(self, cin, cout, n_blocks, attn, dropout, groups):
+    def __init__(self, cin, cout, n_blocks, attn, cfg):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, dropout, groups) for i in range(n_blocks))
-        self.attn = nn.ModuleList(AttnBlock(cout, groups) for _ in range(n_blocks)) if attn else nn.ModuleList()
+        self.block = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, cfg) for i in range(n_blocks))
+        self.attn = nn.ModuleList(AttnBlock(cout, cfg) for _ in range(n_blocks)) if attn else nn.ModuleList()
 
     def forward(self, x):
         for i, block in enumerate(self.block):
@@ -155,13 +152,12 @@ class Encoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down, res = nn.ModuleList(), cfg.resolution
         for i in range(len(cfg.ch_mult)):
-            level = Level(chs[i], chs[i + 1], cfg.num_res_blocks, res in cfg.attn_resolutions, cfg.dropout,
-                          cfg.norm_groups)
+            level = Level(chs[i], chs[i + 1], cfg.num_res_blocks, res in cfg.attn_resolutions, cfg)
             if i < len(cfg.ch_mult) - 1:
                 level.downsample, res = Downsample(chs[i + 1]), res // 2
             self.down.append(level)
-        self.mid = Mid(chs[-1], cfg.dropout, cfg.norm_groups)
-        self.norm_out = Normalize(chs[-1], cfg.norm_groups)
+        self.mid = Mid(chs[-1], cfg)
+        self.norm_out = Normalize(chs[-1], cfg)
         self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
 
     def forward(self, x):                                  # (B, 3, H, W)
@@ -180,17 +176,17 @@ class Decoder(nn.Module):
         L = len(cfg.ch_mult)
         c, res = cfg.ch * cfg.ch_mult[-1], cfg.resolution // 2 ** (L - 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
-        self.mid = Mid(c, cfg.dropout, cfg.norm_groups)
+        self.mid = Mid(c, cfg)
         up = []
         for i in reversed(range(L)):  # built coarse to fine, stored so that up[i] is level i (taming's layout)
             cout = cfg.ch * cfg.ch_mult[i]
-            level = Level(c, cout, cfg.num_res_blocks + 1, res in cfg.attn_resolutions, cfg.dropout, cfg.norm_groups)
+            level = Level(c, cout, cfg.num_res_blocks + 1, res in cfg.attn_resolutions, cfg)
             if i != 0:
                 level.upsample, res = Upsample(cout), res * 2
             up.insert(0, level)
             c = cout
         self.up = nn.ModuleList(up)
-        self.norm_out = Normalize(c, cfg.norm_groups)
+        self.norm_out = Normalize(c, cfg)
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, padding=1)
 
     def forward(self, z):                                  # (B, z_channels, h, w)
@@ -304,28 +300,37 @@ class VQGAN(nn.Module):
         return self.decode_latent(z.to(self.post_quant_conv.weight.dtype))
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", verbose=True):
-        """Ours ({"model", "config", "step"}) or taming's (.ckpt with "state_dict", bare or lightning) -> eval model."""
-        ckpt = _load_without_lightning(path)
+    def from_checkpoint(cls, path_or_dict, device="cpu", verbose=True):
+        """An eval model from ours ({"model", "config", "step"}), taming's (.ckpt with "state_dict", bare or
+        lightning) or HFAiLab's release ({"model", "epoch"}), given as a path or as the loaded dict."""
+        name = "checkpoint dict" if isinstance(path_or_dict, dict) else str(path_or_dict)
+        ckpt = path_or_dict if isinstance(path_or_dict, dict) else _load_without_lightning(path_or_dict)
+        if not isinstance(ckpt, dict):
+            raise ValueError(f"{name} holds a {type(ckpt).__name__}, not a VQGAN checkpoint dict")
+        dropped = []
         if "model" in ckpt and "config" in ckpt:
             sd, kind = ckpt["model"], f"clipgen checkpoint, step {ckpt.get('step', '?')}"
             names = {f.name for f in fields(Config)}
             cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items() if k in names})
-            dropped = []
+        elif "model" in ckpt and "quantizer.embedding.weight" in ckpt["model"]:
+            dropped = [k for k in ckpt["model"] if k.startswith(HFAI_DROPPED)]
+            sd, kind = from_hfai(ckpt["model"]), f"HFAiLab CLIP-GEN checkpoint, epoch {ckpt.get('epoch', '?')}"
+            cfg = replace(config_from_state_dict(sd), norm_eps=1e-5, beta=0.2)  # their plain nn.GroupNorm; beta 0.2
         elif "state_dict" in ckpt:
             sd = {k.removeprefix("first_stage_model."): v for k, v in ckpt["state_dict"].items()}
             dropped = [k for k in sd if k.startswith("loss.")]  # LPIPS + discriminator of the training loss
             sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "cond_stage_model.", "transformer."))}
             cfg, kind = config_from_state_dict(sd), "taming checkpoint"
         else:
-            raise ValueError(f"{path}: neither a clipgen checkpoint (keys 'model', 'config') nor a taming one "
-                             f"('state_dict'); top-level keys: {sorted(map(str, ckpt))[:10]}")
+            raise ValueError(f"{name} is not a VQGAN checkpoint (ours: 'model' + 'config'; taming: 'state_dict'; "
+                             f"HFAiLab: 'model' with 'quantizer.*'); top-level keys: {sorted(map(str, ckpt))[:10]}")
         model = cls(cfg)
-        load_strict(model, sd, path)
+        model.load_state_dict(sd)  # strict: torch names every missing and unexpected key
         if verbose:
             n = sum(p.numel() for p in model.parameters())
-            print(f"loaded {path}: {kind}, {len(sd)} tensors" + (f" ({len(dropped)} loss.* dropped)" if dropped else "")
-                  + f", codebook {cfg.n_embed}x{cfg.embed_dim}, f{2 ** (len(cfg.ch_mult) - 1)}, {n / 1e6:.1f}M params")
+            gone = f" ({len(dropped)} {dropped[0].split('.')[0]}.* dropped)" if dropped else ""
+            print(f"loaded {name}: {kind}, {len(sd)} tensors{gone}, codebook {cfg.n_embed}x{cfg.embed_dim}, "
+                  f"f{2 ** (len(cfg.ch_mult) - 1)}, {n / 1e6:.1f}M params")
         return model.to(device).eval()
 
     def checkpoint(self, step=0, half=False):
@@ -359,17 +364,6 @@ def config_from_state_dict(sd):
                   embed_dim=int(embed_dim), legacy=True)  # taming's VQModel never passes legacy=False
 
 
-def load_strict(model, sd, path="state_dict"):
-    """load_state_dict(strict=True) with one error that lists every missing and unexpected key."""
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        raise ValueError(f"{path} does not fit VQGAN({model.config}): missing keys {missing}, unexpected keys "
-                         f"{unexpected}, shape mismatches {bad}")
-    model.load_state_dict(sd, strict=True)
-
-
 def _load_without_lightning(path, tries=8):
     """torch.load(weights_only=True) that gets past pytorch-lightning classes pickled into a .ckpt.
 
@@ -388,3 +382,53 @@ def _load_without_lightning(path, tries=8):
                 raise
             allowed.append((type(m.group(1).rsplit(".", 1)[1], (), {}), m.group(1)))
     raise RuntimeError(f"{path}: gave up after stubbing {len(allowed)} lightning classes: {[n for _, n in allowed]}")
+
+
+# -----------------------------------------------------------------------------
+# HFAiLab's released COCO VQGAN (vqgan_coco.pt; reference/hfai_checkpoints.md): taming's f16-16384 network under
+# other names. Their levels are flat nn.Sequentials numbered in execution order; this table names ours, in order.
+
+HFAI_DOWN = ("0.block.0 0.block.1 0.downsample 1.block.0 1.block.1 1.downsample 2.block.0 2.block.1 2.downsample "
+             "3.block.0 3.block.1 3.downsample 4.block.0 4.attn.0 4.block.1 4.attn.1").split()   # encoder.down.0..15
+HFAI_UP = ("4.block.0 4.attn.0 4.block.1 4.attn.1 4.block.2 4.attn.2 4.upsample 3.block.0 3.block.1 3.block.2 "
+           "3.upsample 2.block.0 2.block.1 2.block.2 2.upsample 1.block.0 1.block.1 1.block.2 1.upsample "
+           "0.block.0 0.block.1 0.block.2").split()                                              # decoder.up.0..21
+HFAI_MODULES = {"encoder.conv_in": "encoder.conv_in", "encoder.final.0": "encoder.norm_out",
+                "encoder.final.2": "encoder.conv_out", "encoder.final.3": "quant_conv",
+                "decoder.quant_conv_in": "post_quant_conv", "decoder.conv_in": "decoder.conv_in",
+                "decoder.final.0": "decoder.norm_out", "decoder.final.2": "decoder.conv_out",
+                "quantizer.embedding": "quantize.embedding",
+                **{f"{p}.mid.{i}": f"{p}.mid.{m}" for p in ("encoder", "decoder")
+                   for i, m in enumerate(("block_1", "attn_1", "block_2"))},
+                **{f"encoder.down.{i}": f"encoder.down.{m}" for i, m in enumerate(HFAI_DOWN)},
+                **{f"decoder.up.{i}": f"decoder.up.{m}" for i, m in enumerate(HFAI_UP)}}
+# inside a module: res block = Sequential(GroupNorm, SiLU, Conv, GroupNorm, SiLU, Dropout, Conv) + 1x1 shortcut;
+# attention = GroupNorm + nn.MultiheadAttention(C, 1) (its in_proj is split below)
+HFAI_PARTS = {"": "", "block.0": "norm1", "block.2": "conv1", "block.3": "norm2", "block.6": "conv2",
+              "shortcut": "nin_shortcut", "norm": "norm", "attn.out_proj": "proj_out", "conv": "conv"}
+HFAI_DROPPED = "discriminator."  # their PatchGAN: training only
+
+
+def from_hfai(sd):
+    """HFAiLab's `model` state dict -> ours (taming's names); discriminator.* dropped. A key the table does not
+    know passes through unchanged, so the strict load names it."""
+    out = {}
+    for key, v in sd.items():
+        if key.startswith(HFAI_DROPPED):
+            continue
+        parts = key.split(".")
+        n = next((n for n in (3, 2) if ".".join(parts[:n]) in HFAI_MODULES), None)
+        sub, leaf = ".".join(parts[n:-1]) if n else None, parts[-1]
+        split = sub == "attn" and leaf in ("in_proj_weight", "in_proj_bias")
+        if n is None or not (split or sub in HFAI_PARTS):
+            out[key] = v
+            continue
+        ours = HFAI_MODULES[".".join(parts[:n])]
+        if split:  # in_proj (3C, C) stacks [W_q; W_k; W_v]: one head of width C = three 1x1 convs
+            kind = leaf.removeprefix("in_proj_")
+            for qkv, t in zip("qkv", v.chunk(3)):
+                out[f"{ours}.{qkv}.{kind}"] = t[:, :, None, None] if kind == "weight" else t
+        else:  # out_proj is a Linear (C, C): as a 1x1 conv it needs (C, C, 1, 1)
+            reshape = sub == "attn.out_proj" and leaf == "weight"
+            out[".".join(filter(None, (ours, HFAI_PARTS[sub], leaf)))] = v[:, :, None, None] if reshape else v
+    return out
