@@ -16,7 +16,6 @@ smaller batches and, for sampling, a narrower GPT: every such row says "(cpu-red
   python bench.py                        # every stage, on CUDA when there is one
   python bench.py gpt-sample --device cpu --json out/bench.json
 """
-import argparse
 import ctypes
 import gc
 import json
@@ -29,6 +28,12 @@ import time
 from contextlib import nullcontext
 
 import torch
+
+import clip
+import data
+import gpt
+import inception
+import vqgan
 
 STAGES = ("clip", "vqgan", "gpt-train", "gpt-sample", "fid")
 
@@ -53,15 +58,14 @@ REDUCED = {  # why a CPU row differs from the GPU one; printed once per stage
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Speed figures of every CLIP-GEN stage.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = data.ArgumentParser(prog="bench.py", description="Speed figures of every CLIP-GEN stage.")
     p.add_argument("stages", nargs="*", default=list(STAGES), help=f"any of {', '.join(STAGES)}")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda if there is one)")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="also write the figures as JSON to FILE (no FILE: print JSON instead of the table)")
     p.add_argument("--quick", action="store_true", help="tiny models and 2 repetitions (for tests)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (None: 3 on CPU, 5 on CUDA, 2 with --quick)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--reps", type=data.num(int, 1), help="timed repetitions (default: 3 on CPU, 5 on CUDA, 2 --quick)")
+    p.add_argument("--threads", type=data.num(int, 0), default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--compile", action="store_true", help="torch.compile the GPT for the gpt-train stage")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format for the conv nets")
     return p
@@ -71,7 +75,7 @@ class Bench:
     """Holds the device settings and collects one dict per figure."""
 
     def __init__(self, args):
-        self.dev = torch.device(args.device)
+        self.dev = args.device
         self.cuda = self.dev.type == "cuda"
         self.sz = dict(SIZES["quick" if args.quick else self.dev.type])
         if args.reps:
@@ -149,7 +153,6 @@ class Bench:
 
 
 def bench_clip(b):
-    import clip
     cfg = clip.Config() if not b.args.quick else clip.Config(embed_dim=32, image_resolution=32, vision_layers=2,
         vision_width=64, vision_patch_size=16, context_length=16, vocab_size=64, transformer_width=64,
         transformer_layers=2)
@@ -168,7 +171,6 @@ def bench_clip(b):
 
 
 def bench_vqgan(b):
-    import vqgan
     preset = "tiny" if b.args.quick else "f16-16384"
     cfg = vqgan.Config(**vqgan.PRESETS[preset])
     model = vqgan.VQGAN(cfg).to(b.dev).eval()
@@ -183,7 +185,6 @@ def bench_vqgan(b):
 
 
 def bench_gpt_train(b):
-    import gpt
     preset = "tiny" if b.args.quick else "gpt2-medium"
     cfg = gpt.make_config(preset)
     model = gpt.GPT(cfg).to(b.dev).train()
@@ -213,7 +214,6 @@ def bench_gpt_train(b):
 
 
 def bench_gpt_sample(b):
-    import gpt
     for preset, T, cache_batches, nocache_batches in b.sz["sample"]:
         cfg = gpt.make_config(preset, block_size=T)
         model = gpt.GPT(cfg).to(b.dev).eval()
@@ -246,8 +246,7 @@ def bench_gpt_sample(b):
 
 
 def bench_fid(b):
-    import evaluate
-    model = evaluate.InceptionV3().to(b.dev).eval()  # random weights: the speed does not depend on them
+    model = inception.InceptionV3().to(b.dev).eval()  # random weights: the speed does not depend on them
     B = b.sz["fid_batch"]
     model, x = b.conv_format(model, torch.rand(B, 3, 299, 299, device=b.dev) * 2 - 1)
     with torch.no_grad(), b.amp():
@@ -275,11 +274,9 @@ def machine(dev):
 
 
 def main(args):
-    bad = [s for s in args.stages if s not in STAGES]
-    if bad:
-        raise SystemExit(f"bench.py: unknown stage(s) {bad}; choose from {', '.join(STAGES)}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("bench.py: --device cuda but torch sees no GPU; use --device cpu")
+    if bad := [s for s in args.stages if s not in STAGES]:
+        raise data.UserError(f"unknown stage(s) {', '.join(bad)} — choose from {', '.join(STAGES)}")
+    args.device = data.pick_device(args.device)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -333,4 +330,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    data.cli(main, get_parser())
