@@ -1,11 +1,8 @@
-"""
-CLIP (Radford et al., 2021): an image tower and a text tower that map into one joint space. CLIP-GEN conditions its
+"""CLIP (Radford et al., 2021): an image and a text tower mapping into one joint space. CLIP-GEN conditions its
 generator on the image embedding in training and swaps in the text embedding at inference. Here: the towers
-(VisionTransformer; ModifiedResNet, also the small tower of our shapes CLIP), CLIP itself, load() for OpenAI's
-archives (downloaded, SHA256-checked), plain state dicts (HFAiLab's clip_vit_b32.pt is one) and our checkpoints,
-every size inferred from tensor shapes; OpenAI's preprocessing in PIL + torch; OpenAI's BPE tokenizer at the end.
-Module and parameter names follow openai/CLIP's model.py, so loading is a plain copy loop.
-"""
+(VisionTransformer; ModifiedResNet, also our shapes CLIP's), CLIP, load() for OpenAI's archives (downloaded, SHA256-
+checked), plain state dicts (HFAiLab's clip_vit_b32.pt) and our checkpoints, every size inferred from tensor shapes;
+OpenAI's preprocessing in PIL + torch; its BPE tokenizer at the end. Names follow openai/CLIP: loading is a copy."""
 import argparse
 import gzip
 import hashlib
@@ -43,11 +40,8 @@ _MODELS = {
 }
 # OpenAI's BPE merges (from openai/CLIP, MIT licence), shipped in this repository
 VOCAB = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
-# CLIP's image normalisation (per RGB channel, on [0, 1] pixels)
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
-# non-weight integers stored at the top of OpenAI's archives; dropped before the strict load
-ARCHIVE_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # per channel, [0, 1] pixels
+ARCHIVE_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # integers in OpenAI's archives, not weights
 
 
 @dataclass
@@ -63,19 +57,13 @@ class Config:
     transformer_layers: int = 12
     # heads are never stored in a state dict: OpenAI uses head dim 64 everywhere (at least one head here)
 
-# named sizes (the OpenAI ones are inferred from their archives; listed for reference and tests)
+# named sizes (inferred from OpenAI's archives; listed for reference)
 #   ViT-B/32  Config(512, 224, 12, 768, 32, 77, 49408, 512, 12)
 #   ViT-L/14  Config(768, 224, 24, 1024, 14, 77, 49408, 768, 12)
 #   RN50      Config(1024, 224, [3, 4, 6, 3], 64, 0, 77, 49408, 512, 12)
 
 
-def heads_for(width):
-    return max(1, width // 64)
-
-# -----------------------------------------------------------------------------
-# blocks, smallest first
-
-
+# --- blocks, smallest first -----------------------------------------------------------------------------------------
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 and cast back, so fp16/bf16 models stay stable (as OpenAI's)."""
     def forward(self, x):
@@ -93,10 +81,8 @@ class MultiheadAttention(nn.Module):
     """nn.MultiheadAttention's parameter names (in_proj_weight = [W_q; W_k; W_v]) computed with SDPA, batch first."""
     def __init__(self, width, heads):
         super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.heads, self.in_proj_weight = heads, nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias, self.out_proj = nn.Parameter(torch.zeros(3 * width)), nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's init
         nn.init.zeros_(self.out_proj.bias)
 
@@ -111,9 +97,7 @@ class MultiheadAttention(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width, heads, causal):
         super().__init__()
-        self.causal = causal
-        self.attn = MultiheadAttention(width, heads)
-        self.ln_1 = LayerNorm(width)
+        self.causal, self.attn, self.ln_1 = causal, MultiheadAttention(width, heads), LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([("c_fc", nn.Linear(width, 4 * width)), ("gelu", QuickGELU()),
                                               ("c_proj", nn.Linear(4 * width, width))]))
         self.ln_2 = LayerNorm(width)
@@ -141,17 +125,14 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
-        self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.ln_pre, self.transformer = LayerNorm(width), Transformer(width, layers, heads)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))  # [in, out]: applied as x @ proj
 
     def forward(self, x):
-        x = self.conv1(x)                                        # (B, 3, R, R) -> (B, W, g, g)
-        x = x.flatten(2).transpose(1, 2)                         # (B, g*g, W), patches in raster order
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + g*g, W)
-        x = self.transformer(self.ln_pre(x))                     # ln_pre: OpenAI normalises before the blocks
+        x = self.conv1(x).flatten(2).transpose(1, 2)             # (B, 3, R, R) -> (B, W, g, g) -> (B, g*g, W), raster
+        x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)  # (B, 1 + g*g, W)
+        x = self.transformer(self.ln_pre(x + self.positional_embedding.to(x.dtype)))  # ln_pre before the blocks
         return self.ln_post(x[:, 0, :]) @ self.proj              # class token only -> (B, output_dim)
 
 
@@ -165,18 +146,14 @@ class Bottleneck(nn.Module):
         self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False), nn.BatchNorm2d(planes)
         self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
         self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
-        self.downsample = None
-        if stride > 1 or inplanes != planes * 4:
-            # key names "downsample.-1" (the pool, no weights), "downsample.0", "downsample.1" as OpenAI's
-            self.downsample = nn.Sequential(OrderedDict([
-                ("-1", nn.AvgPool2d(stride)), ("0", nn.Conv2d(inplanes, planes * 4, 1, bias=False)),
-                ("1", nn.BatchNorm2d(planes * 4))]))
+        # key names "downsample.-1" (the pool, no weights), "downsample.0", "downsample.1" as OpenAI's
+        self.downsample = None if stride == 1 and inplanes == planes * 4 else nn.Sequential(OrderedDict([
+            ("-1", nn.AvgPool2d(stride)), ("0", nn.Conv2d(inplanes, planes * 4, 1, bias=False)),
+            ("1", nn.BatchNorm2d(planes * 4))]))
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.avgpool(F.relu(self.bn2(self.conv2(out))))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+        out = self.avgpool(F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))))
+        return F.relu(self.bn3(self.conv3(out)) + (x if self.downsample is None else self.downsample(x)))
 
 
 class AttentionPool2d(nn.Module):
@@ -190,8 +167,7 @@ class AttentionPool2d(nn.Module):
 
     def forward(self, x):
         x = x.flatten(2).transpose(1, 2)                         # (B, C, h, w) -> (B, h*w, C)
-        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)   # (B, 1 + h*w, C)
-        x = x + self.positional_embedding.to(x.dtype)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+hw, C)
         B, T, C = x.shape  # the query is the mean token only: (B, h, 1, d); keys and values (B, h, T, d)
         q, k, v = (proj(t).view(B, -1, self.heads, C // self.heads).transpose(1, 2)
                    for proj, t in ((self.q_proj, x[:, :1]), (self.k_proj, x), (self.v_proj, x)))
@@ -217,28 +193,25 @@ class ModifiedResNet(nn.Module):
         self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)  # total stride 32
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))                      # (B, 3, R, R) -> (B, w/2, R/2, R/2)
-        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))  # (B, 3, R, R) -> (B, w/2, R/2, R/2)
         x = self.avgpool(F.relu(self.bn3(self.conv3(x))))        # (B, w, R/4, R/4)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 32w, R/32, R/32)
         return self.attnpool(x)                                  # (B, output_dim)
 
-# -----------------------------------------------------------------------------
-# the model
 
-
+# --- the model ------------------------------------------------------------------------------------------------------
 class CLIP(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         c = self.config = config
         self.embed_dim, self.context_length, self.vocab_size = c.embed_dim, c.context_length, c.vocab_size
         if isinstance(c.vision_layers, (list, tuple)):
-            self.visual = ModifiedResNet(list(c.vision_layers), c.embed_dim, heads_for(c.vision_width * 32),
+            self.visual = ModifiedResNet(list(c.vision_layers), c.embed_dim, max(1, c.vision_width * 32 // 64),
                                          c.image_resolution, c.vision_width)
         else:
             self.visual = VisionTransformer(c.image_resolution, c.vision_patch_size, c.vision_width,
-                                            c.vision_layers, heads_for(c.vision_width), c.embed_dim)
-        self.transformer = Transformer(c.transformer_width, c.transformer_layers, heads_for(c.transformer_width),
+                                            c.vision_layers, max(1, c.vision_width // 64), c.embed_dim)
+        self.transformer = Transformer(c.transformer_width, c.transformer_layers, max(1, c.transformer_width // 64),
                                        causal=True)
         self.token_embedding = nn.Embedding(c.vocab_size, c.transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(c.context_length, c.transformer_width))
@@ -255,16 +228,14 @@ class CLIP(nn.Module):
             pool = self.visual.attnpool
             for lin in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
                 nn.init.normal_(lin.weight, std=pool.c_proj.in_features ** -0.5)
-            for stage in (self.visual.layer1, self.visual.layer2, self.visual.layer3, self.visual.layer4):
-                for block in stage:
-                    nn.init.zeros_(block.bn3.weight)  # each residual branch starts as zero: identity blocks
+            for block in [*self.visual.layer1, *self.visual.layer2, *self.visual.layer3, *self.visual.layer4]:
+                nn.init.zeros_(block.bn3.weight)  # each residual branch starts as zero: identity blocks
         t = self.transformer
         proj_std = t.width ** -0.5 * (2 * t.layers) ** -0.5
-        for block in t.resblocks:
-            nn.init.normal_(block.attn.in_proj_weight, std=t.width ** -0.5)
-            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
-            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * t.width) ** -0.5)
-            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        for b in t.resblocks:
+            for w, std in ((b.attn.in_proj_weight, t.width ** -0.5), (b.attn.out_proj.weight, proj_std),
+                           (b.mlp.c_fc.weight, (2 * t.width) ** -0.5), (b.mlp.c_proj.weight, proj_std)):
+                nn.init.normal_(w, std=std)
         nn.init.normal_(self.text_projection, std=t.width ** -0.5)
 
     @property
@@ -282,24 +253,18 @@ class CLIP(nn.Module):
         n = int(eot.max()) + 1
         if n > self.context_length:
             raise ValueError(f"text of {n} tokens is longer than the model's context of {self.context_length}")
-        x = self.token_embedding(text[:, :n]).to(self.dtype)              # (B, n, W)
-        x = x + self.positional_embedding[:n].to(self.dtype)
-        x = self.ln_final(self.transformer(x))
+        x = self.token_embedding(text[:, :n]).to(self.dtype) + self.positional_embedding[:n].to(self.dtype)
+        x = self.ln_final(self.transformer(x))                            # (B, n, W)
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # pool at EOT -> (B, D)
 
     def forward(self, image, text):
         """-> (logits_per_image (B_img, B_txt), logits_per_text (B_txt, B_img)): scaled cosine similarities."""
-        img = self.encode_image(image)
-        txt = self.encode_text(text)
-        img = img / img.norm(dim=1, keepdim=True)
-        txt = txt / txt.norm(dim=1, keepdim=True)
+        img, txt = F.normalize(self.encode_image(image), dim=1), F.normalize(self.encode_text(text), dim=1)
         logits_per_image = self.logit_scale.exp() * img @ txt.t()
         return logits_per_image, logits_per_image.t()
 
-# -----------------------------------------------------------------------------
-# loading: names, archives, state dicts, our checkpoints
 
-
+# --- loading: names, archives, state dicts, our checkpoints ---------------------------------------------------------
 def config_from_state_dict(sd):
     """Every hyper-parameter from tensor shapes (OpenAI's build_model rules); sd values only need .shape."""
     if "visual.proj" in sd:  # ViT tower
@@ -321,29 +286,22 @@ def config_from_state_dict(sd):
 
 def read_state_dict(path):
     """The weights of an OpenAI TorchScript archive, a plain state dict or our checkpoint; fp32, extras dropped."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            is_torchscript = any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-    except zipfile.BadZipFile:
-        is_torchscript = False
-    if is_torchscript:  # only the weights are read; the traced code is never run
+    names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):  # TorchScript: its code is never run
         sd = torch.jit.load(path, map_location="cpu").state_dict()
     else:  # a broken or unsafe file raises torch's own error (data.load_model tells it in one line)
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "model" in sd and "config" in sd:  # our checkpoint (train_clip.py)
-        sd = sd["model"]
+    sd = sd["model"] if isinstance(sd, dict) and "model" in sd and "config" in sd else sd  # ours (train_clip.py)
     if not isinstance(sd, dict) or "text_projection" not in sd:
         raise ValueError(f"{path} is not a CLIP state dict, TorchScript archive or checkpoint")
-    sd = {k: v for k, v in sd.items() if k not in ARCHIVE_EXTRAS}
     # the archives are partly fp16 (OpenAI's convert_weights); we always compute in fp32 unless asked otherwise
-    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k not in ARCHIVE_EXTRAS}
 
 
 def build_model(sd):
     """A CLIP with the shapes of sd and its weights (strict: missing/unexpected keys are an error)."""
-    config = config_from_state_dict(sd)
     with torch.device("meta"):  # no time spent on a random init that is overwritten anyway
-        model = CLIP(config)
+        model = CLIP(config_from_state_dict(sd))
     for k in model.state_dict():  # BatchNorm's step counter is bookkeeping, not a weight: absent in some exports
         if k.endswith("num_batches_tracked") and k not in sd:
             sd[k] = torch.tensor(0)
@@ -352,17 +310,11 @@ def build_model(sd):
 
 
 def load(name_or_path, device=None, dtype=None, download_root=None):
-    """An OpenAI model name, or a path to an archive / state dict / our checkpoint -> (model, preprocess).
-
-    preprocess: PIL image -> (3, R, R) float32 tensor. The model runs in fp32 on CPU; dtype (torch.float16 or
-    torch.bfloat16) is honoured on GPUs only.
-    """
-    if name_or_path in _MODELS:
-        path = download(_MODELS[name_or_path], download_root or default_root())
-    elif os.path.isfile(name_or_path):
-        path = name_or_path
-    else:
+    """An OpenAI model name, or a path to an archive / state dict / our checkpoint -> (model, preprocess: PIL image
+    -> (3, R, R) float32). The model runs in fp32 on CPU; dtype (float16, bfloat16) is honoured on GPUs only."""
+    if name_or_path not in _MODELS and not os.path.isfile(name_or_path):
         raise ValueError(f"unknown CLIP model {name_or_path!r} — use one of {available_models()} or a path to a file")
+    path = download(_MODELS[name_or_path], download_root or default_root()) if name_or_path in _MODELS else name_or_path
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = (dtype or torch.float32) if device.type != "cpu" else torch.float32  # half precision on CPU: slow/absent
     model = build_model(read_state_dict(path)).to(device=device, dtype=dtype)
@@ -380,20 +332,19 @@ def default_root():
 
 
 def download(url, root, sha256=None):
-    """url -> root/<its basename>, checked against sha256 (default: the hash that OpenAI's URLs carry). A file with
-    the right hash is reused; a download is hashed and renamed into place only when right, so a partial or wrong
-    file never has the final name."""
+    """url -> root/<its basename>, checked against sha256 (default: the one in OpenAI's URLs); a file with the right
+    hash is reused, a download renamed into place only when its hash is right (a partial file never is)."""
     os.makedirs(root, exist_ok=True)
     target, sha256 = os.path.join(root, os.path.basename(url)), sha256 or url.split("/")[-2]
     if os.path.isfile(target) and file_sha256(target) == sha256:
         return target
     tmp = f"{target}.{os.getpid()}.part"
     try:
-        with urllib.request.urlopen(url, timeout=60) as src, open(tmp, "wb") as out:
-            total = int(src.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="iB", unit_scale=True, unit_divisor=1024, desc=os.path.basename(url)) as bar:
-                while chunk := src.read(1 << 20):
-                    bar.update(out.write(chunk))
+        with urllib.request.urlopen(url, timeout=60) as src, open(tmp, "wb") as out, tqdm(
+                total=int(src.headers.get("Content-Length") or 0) or None, unit="iB", unit_scale=True,
+                unit_divisor=1024, desc=os.path.basename(url)) as bar:
+            while chunk := src.read(1 << 20):
+                bar.update(out.write(chunk))
         if (got := file_sha256(tmp)) != sha256:
             raise RuntimeError(f"downloaded {url} but its SHA256 is {got}, expected {sha256} (interrupted or altered)"
                                f" — run again")
@@ -402,8 +353,7 @@ def download(url, root, sha256=None):
         raise RuntimeError(f"cannot download {url} ({e}) — without a network, fetch it elsewhere and put it at "
                            f"{target}") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        Path(tmp).unlink(missing_ok=True)
     return target
 
 
@@ -415,10 +365,8 @@ def file_sha256(path):
             h.update(chunk)
     return h.hexdigest()
 
-# -----------------------------------------------------------------------------
-# preprocessing
 
-
+# --- preprocessing --------------------------------------------------------------------------------------------------
 def preprocess(img, resolution=224):
     """PIL image -> (3, R, R) float32; pixel-identical to OpenAI's torchvision Compose([Resize(R, BICUBIC),
     CenterCrop(R), convert("RGB"), ToTensor(), Normalize(MEAN, STD)])."""
@@ -450,21 +398,14 @@ def preprocess_tensor(x, resolution):
     mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1) for v in (MEAN, STD))
     return (x - mean) / std
 
-# -----------------------------------------------------------------------------
-# OpenAI's byte-level BPE tokenizer (clip/simple_tokenizer.py), self-contained
 
-
+# --- OpenAI's byte-level BPE tokenizer (clip/simple_tokenizer.py), self-contained -----------------------------------
 @lru_cache()
 def bytes_to_unicode():
     """byte -> printable unicode char: printable Latin-1 bytes map to themselves, the other 68 to chr(256+n)."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars, n = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(keep, map(chr, chars)))
+    rest = [b for b in range(256) if b not in keep]
+    return dict(zip(keep + rest, map(chr, keep + [256 + n for n in range(len(rest))])))
 
 
 class SimpleTokenizer:
@@ -476,14 +417,11 @@ class SimpleTokenizer:
             lines = f.read().decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # 48,894 merges after the header
         self.byte_encoder = bytes_to_unicode()
-        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         vocab = list(self.byte_encoder.values())
         vocab += [c + "</w>" for c in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
         self.encoder = {tok: i for i, tok in enumerate(vocab)}  # 49,408 ids
-        self.decoder = {i: tok for tok, i in self.encoder.items()}
-        self.bpe_ranks = {m: i for i, m in enumerate(merges)}
+        self.bpe_ranks, self.pat = {m: i for i, m in enumerate(merges)}, regex.compile(self.PATTERN, regex.IGNORECASE)
         self.cache = {"<|startoftext|>": ("<|startoftext|>",), "<|endoftext|>": ("<|endoftext|>",)}
-        self.pat = regex.compile(self.PATTERN, regex.IGNORECASE)
         self.sot, self.eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
 
     def bpe(self, token):
@@ -498,12 +436,9 @@ class SimpleTokenizer:
                 break
             merged, i = [], 0
             while i < len(word):
-                if i < len(word) - 1 and (word[i], word[i + 1]) == pair:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
+                two = i < len(word) - 1 and (word[i], word[i + 1]) == pair
+                merged.append(word[i] + word[i + 1] if two else word[i])
+                i += 2 if two else 1
             word = tuple(merged)
         self.cache[token] = word
         return word
@@ -517,21 +452,13 @@ class SimpleTokenizer:
             ids.extend(self.encoder[s] for s in self.bpe(token))
         return ids
 
-    def decode(self, ids):
-        text = "".join(self.decoder[int(i)] for i in ids)
-        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ")
 
-
-@lru_cache()
-def get_tokenizer(bpe_path=None):
-    return SimpleTokenizer(bpe_path)
+get_tokenizer = lru_cache()(SimpleTokenizer)  # get_tokenizer(bpe_path=None): one tokenizer per file, built once
 
 
 def tokenize(texts, context_length=77, truncate=False, bpe_path=None):
     """str or list of N str -> LongTensor (N, context_length): [start] + BPE ids + [end], right-padded with 0."""
-    if isinstance(texts, str):
-        texts = [texts]
-    tok = get_tokenizer(bpe_path)
+    texts, tok = [texts] if isinstance(texts, str) else texts, get_tokenizer(bpe_path)
     result = torch.zeros(len(texts), context_length, dtype=torch.long)
     for i, text in enumerate(texts):
         ids = [tok.sot] + tok.encode(text) + [tok.eot]
@@ -539,15 +466,12 @@ def tokenize(texts, context_length=77, truncate=False, bpe_path=None):
             if not truncate:
                 raise ValueError(f"text {text[:80]!r}{'...' if len(text) > 80 else ''} is {len(ids)} tokens long, "
                                  f"over the context length {context_length}; shorten it or pass truncate=True")
-            ids = ids[:context_length]
-            ids[-1] = tok.eot  # the end token stays last: encode_text pools there
+            ids = ids[:context_length - 1] + [tok.eot]  # the end token stays last: encode_text pools there
         result[i, :len(ids)] = torch.tensor(ids)
     return result
 
-# -----------------------------------------------------------------------------
-# zero-shot command line: python clip.py --image x.jpg --text "a cat" "a dog"
 
-
+# --- zero-shot command line: python clip.py --image x.jpg --text "a cat" "a dog" ------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(prog="clip.py", description="CLIP zero-shot: which text fits the image best")
     p.add_argument("--model", default="ViT-B/32", help=f"one of {available_models()} or a checkpoint file")

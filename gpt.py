@@ -5,12 +5,9 @@ p(image tokens | CLIP embedding), trained on CLIP *image* embeddings and prompte
 Architecture in the spirit of karpathy/nanoGPT `model.py` (pre-LN blocks, fused QKV, SDPA attention, learned
 absolute positions), with the conditioning of HFAiLab/clip-gen: the L2-normalised CLIP embedding is projected by
 one Linear to a single prefix token at position 0, so the sequence is [cond, t_0 .. t_{T-2}] and its T outputs
-predict t_0 .. t_{T-1}. The head is untied (the codebook vocabulary is not a text vocabulary worth sharing).
-A learned null condition replaces the prefix when the condition is dropped in training, which gives
-classifier-free guidance at sampling time (Crowson's "super-conditioning").
-
-Reads our own checkpoints ({"model": state_dict, "config": Config as dict, "step": int, ...}) and HFAiLab's
-released COCO GPT (`gpt_coco.pt`) through the key map at the end of this file.
+predict t_0 .. t_{T-1}. The head is untied. A learned null condition replaces the prefix when the condition is
+dropped in training: classifier-free guidance at sampling time (Crowson's "super-conditioning").
+Reads our checkpoints ({"model", "config", "step", ...}) and HFAiLab's gpt_coco.pt (key map near the end).
 """
 
 import inspect
@@ -36,8 +33,7 @@ class Config:
     null_cond: bool = True   # a learned "no condition" token (classifier-free guidance); HFAiLab's GPT has none
 
 
-# Named sizes. Paper: GPT2-medium for MS-COCO, GPT2-XL for ImageNet (clipgen.md section 3, unverified for the paper;
-# the HF gpt2-xl config is 48 layers / 1600 / 25 heads).
+# Named sizes. Paper: GPT2-medium for MS-COCO, GPT2-XL for ImageNet (clipgen.md section 3; HF's gpt2-xl: 48/1600/25)
 PRESETS = {
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, dropout=0.1),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, dropout=0.1),
@@ -64,11 +60,9 @@ class KVCache:
         # k, v (B, H, L, hd) for positions pos .. pos+L-1 -> all keys/values so far (B, H, pos+L, hd)
         if self.k is None:
             B, H, _, hd = k.shape
-            self.k = k.new_zeros(B, H, self.size, hd)
-            self.v = v.new_zeros(B, H, self.size, hd)
+            self.k, self.v = k.new_zeros(B, H, self.size, hd), v.new_zeros(B, H, self.size, hd)
         L = k.shape[2]
-        self.k[:, :, pos:pos + L] = k
-        self.v[:, :, pos:pos + L] = v
+        self.k[:, :, pos:pos + L], self.v[:, :, pos:pos + L] = k, v
         return self.k[:, :, :pos + L], self.v[:, :, :pos + L]
 
 
@@ -179,33 +173,21 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def forward(self, idx, cond, targets=None, drop=None):
-        """
-        idx (B, t) long: the image tokens seen, t_0 .. t_{t-1}, 0 <= t < block_size
-        cond (B, cond_dim): CLIP embedding (normalised here) or None for the null condition
-        targets (B, t+1) long, optional: the tokens to predict, normally t_0 .. t_t
-        drop (B,) bool, optional: rows that get the learned null condition instead (classifier-free guidance)
-        Returns logits (B, t+1, vocab) -- position i predicts t_i -- and the mean cross-entropy (or None).
-        Training on whole images: `gpt(tokens[:, :-1], cond, targets=tokens)` (sequence [cond, t_0..t_{T-2}]).
-        """
+        """idx (B, t) tokens t_0 .. t_{t-1} (t < block_size); cond (B, cond_dim) CLIP embedding (normalised here) or
+        None for the null condition; targets (B, t+1), normally t_0 .. t_t; drop (B,) bool: rows that get the null
+        condition. -> logits (B, t+1, vocab), position i predicting t_i, and the mean cross-entropy (or None).
+        Training on whole images: `gpt(tokens[:, :-1], cond, targets=tokens)` (sequence [cond, t_0..t_{T-2}])."""
         logits = self.head(self.hidden(idx, cond, drop))                    # (B, t+1, V), all positions trained
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss = None if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return logits, loss
 
     @torch.no_grad()
     def generate(self, cond, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, generator=None,
                  prefix=None, use_cache=True, batch_size=None):
-        """
-        Sample whole images' tokens.
-        cond (B, cond_dim) CLIP embeddings (image or text), or None for unconditional samples (then batch_size=B).
-        cfg_scale: classifier-free guidance, logits = uncond + s * (cond - uncond); 1 = off (no second branch).
-        temperature 0 = greedy. top_k keeps the k best tokens, top_p the smallest set with mass >= p (after top_k).
-        generator: a torch.Generator on the model's device, for reproducible samples.
-        prefix (B, P) long: fixed first tokens (image completion); they are kept and the rest sampled.
-        use_cache=False recomputes the whole sequence every step (slow; for tests and benchmarks).
-        Returns (B, block_size) long tokens in raster order.
-        """
+        """cond (B, cond_dim) CLIP embeddings (image or text; None: unconditional, then batch_size=B) -> (B, block_size)
+        tokens in raster order. cfg_scale: classifier-free guidance uncond + s * (cond - uncond), 1 = off. temperature
+        0 = greedy; top_k keeps the k best tokens, then top_p the smallest set of mass >= p. generator: for
+        reproducible samples. prefix (B, P): fixed first tokens (completion). use_cache=False recomputes every step."""
         T, dev = self.config.block_size, self.head.weight.device
         B = cond.shape[0] if cond is not None else batch_size
         if B is None:
@@ -249,8 +231,7 @@ class GPT(nn.Module):
         N leaves out the lookup tables (token/position embeddings, null token), which cost no matmul FLOPs;
         the untied head is a matmul and stays in."""
         cfg = self.config
-        n = self.num_params() - self.tok_emb.weight.numel() - self.pos_emb.weight.numel()
-        n -= self.null_cond.numel() if cfg.null_cond else 0
+        n = self.num_params() - self.tok_emb.weight.numel() - self.pos_emb.weight.numel() - cfg.null_cond * cfg.n_embd
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def configure_optimizers(self, weight_decay, lr, betas, device_type):
@@ -266,23 +247,20 @@ class GPT(nn.Module):
     def from_checkpoint(cls, path_or_dict, device="cpu", verbose=True):
         """An eval GPT from our checkpoint {"model", "config", ...} or HFAiLab's gpt_coco.pt {"model", "epoch"},
         given as a path or as the loaded dict."""
-        name = "checkpoint dict" if isinstance(path_or_dict, dict) else str(path_or_dict)
-        ckpt = path_or_dict
-        if not isinstance(ckpt, dict):
-            ckpt = torch.load(path_or_dict, map_location="cpu", weights_only=True, mmap=True)
+        name, ckpt = ("checkpoint dict", path_or_dict) if isinstance(path_or_dict, dict) else (
+            path_or_dict, torch.load(path_or_dict, map_location="cpu", weights_only=True, mmap=True))
         sd = ckpt.get("model") if isinstance(ckpt, dict) else None
         if isinstance(sd, dict) and "config" in ckpt:
             model, sd = cls(Config(**ckpt["config"])), clean_state_dict(sd)
         elif isinstance(sd, dict) and "pos_emb" in sd:
             model, sd = cls(config_from_hfai(sd)), from_hfai(sd)
             if verbose:
-                c = model.config
-                print(f"loaded {name}: HFAiLab CLIP-GEN GPT, epoch {ckpt.get('epoch', '?')}, {c.n_layer} layers x "
-                      f"{c.n_embd} ({c.n_head} heads of 64), vocab {c.vocab_size}, head bias kept, causal-mask "
-                      f"buffers dropped, no null condition (guidance off)")
+                print(f"loaded {name}: HFAiLab CLIP-GEN GPT, epoch {ckpt.get('epoch', '?')}, {model.config.n_layer} "
+                      f"layers x {model.config.n_embd} ({model.config.n_head} heads of 64), head bias kept, "
+                      f"causal-mask buffers dropped, no null condition (guidance off)")
         else:
-            raise ValueError(f"{name} is not a GPT checkpoint (ours: 'model' + 'config'; HFAiLab: 'model' with "
-                             f"'pos_emb'); top-level keys: {sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__}")
+            raise ValueError(f"{name} is not a GPT checkpoint (ours: 'model' + 'config'; HFAiLab's: 'model' with "
+                             f"'pos_emb'); it holds {sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else ckpt}")
         model.load_state_dict(sd)  # strict: torch names every missing and unexpected key
         return model.to(device).eval()
 
@@ -292,12 +270,7 @@ class GPT(nn.Module):
 
 def clean_state_dict(sd):
     """Strip the prefixes torch.compile ('_orig_mod.') and DDP ('module.') add to parameter names."""
-    out = {}
-    for k, v in sd.items():
-        for p in ("_orig_mod.", "module."):
-            k = k[len(p):] if k.startswith(p) else k
-        out[k] = v
-    return out
+    return {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
 
 
 # HFAiLab's released COCO GPT (gpt_coco.pt; reference/hfai_checkpoints.md): pre-LN nn.TransformerEncoderLayer
@@ -366,11 +339,9 @@ PEAK_FLOPS = [("A100", 312e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H200"
 
 def peak_flops(device):
     """Peak bf16 FLOP/s of a torch device, or None when unknown (CPU, MPS, unlisted GPUs): callers print n/a."""
-    device = torch.device(device)
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+    return next((peak for key, peak in PEAK_FLOPS if key in torch.cuda.get_device_name(device)), None)
 
 
 def estimate_mfu(flops_per_token, tokens_per_s, device):

@@ -1,5 +1,4 @@
-"""
-Text (or an image) -> images with CLIP-GEN (Wang et al. 2022, arXiv 2203.00386, sec. 3.3), with CLIP re-ranking.
+"""Text (or an image) -> images with CLIP-GEN (Wang et al. 2022, arXiv 2203.00386, sec. 3.3), with CLIP re-ranking.
 
     python sample.py "a red circle on a blue background"       # the shipped shapes-world checkpoints
     python sample.py "oil painting of a dog" --weights hfai-coco  # HFAiLab's COCO release (downloaded on first use)
@@ -25,10 +24,9 @@ import data
 from gpt import GPT, NO_NULL
 from vqgan import VQGAN
 
-ROOT = Path(__file__).resolve().parent
-SHIPPED = {k: str(ROOT / f"checkpoints/shapes/{k}.pt") for k in ("clip", "vqgan", "gpt")}  # scripts/train_shapes.sh
-# HFAiLab's CLIP-GEN release v0.1.0 (MS-COCO; no checksums published: the first download records them)
-HFAI_URL = "https://github.com/HFAiLab/clip-gen/releases/download/v0.1.0"  # the env var CLIPGEN_HFAI_URL overrides it
+SHIPPED = {k: str(Path(__file__).resolve().parent / f"checkpoints/shapes/{k}.pt") for k in ("clip", "vqgan", "gpt")}
+# HFAiLab's CLIP-GEN release v0.1.0 (MS-COCO, no published checksums); env CLIPGEN_HFAI_URL replaces the address
+HFAI_URL = "https://github.com/HFAiLab/clip-gen/releases/download/v0.1.0"
 HFAI_FILES = {"clip": "clip_vit_b32.pt", "vqgan": "vqgan_coco.pt", "gpt": "gpt_coco.pt"}
 # flags not given: ours, or HFAiLab's demo.py settings for a GPT in their layout
 DEFAULTS = {"clipgen": dict(n=4, candidates=64), "hfai": dict(n=8, candidates=64, top_k=500, top_p=0.95)}
@@ -45,9 +43,8 @@ def fetch_release(folder=None):
         if sums.setdefault(name, digest := data.file_sha256(path)) != digest:
             raise data.UserError(f"{path} changed since it was first fetched (SHA256 {digest[:12]}..., recorded "
                                  f"{sums[name][:12]}... in {record}) — delete it to download it again")
-    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")  # written whole, then renamed
-    tmp.write_text(json.dumps(sums, indent=1))
-    os.replace(tmp, record)
+    (tmp := record.with_name(f".{record.name}.{os.getpid()}.tmp")).write_text(json.dumps(sums, indent=1))
+    os.replace(tmp, record)  # written whole, then renamed
     return {kind: str(folder / name) for kind, name in HFAI_FILES.items()}
 
 
@@ -58,9 +55,8 @@ def load_models(clip=SHIPPED["clip"], vqgan=SHIPPED["vqgan"], gpt=SHIPPED["gpt"]
     clip_model, preprocess = (load_clip(clip) if clip in clip_lib.available_models() and not Path(clip).is_file()
                               else data.load_model(load_clip, clip, "clip"))  # a name: downloaded and verified
     vq = data.load_model(lambda p: VQGAN.from_checkpoint(p, device=device), vqgan, "vqgan").to(dtype)
-    with data.loading(gpt, "gpt"):  # read once: the weights and the record of the data they were trained on
-        ckpt = torch.load(gpt, map_location="cpu", weights_only=True, mmap=True)
-        g = GPT.from_checkpoint(ckpt, device=device).to(dtype)
+    g = data.load_model(lambda p: GPT.from_checkpoint(p, device=device), gpt, "gpt").to(dtype)
+    ckpt = torch.load(gpt, map_location="cpu", weights_only=True, mmap=True)  # for its record of its training data
     meta = dict(ckpt.get("data_meta") or {}, layout="clipgen" if "config" in ckpt else "hfai")
     c, v, d = g.config, vq.config, clip_model.embed_dim
     problems = [m for bad, m in [
@@ -82,8 +78,6 @@ def load_models(clip=SHIPPED["clip"], vqgan=SHIPPED["vqgan"], gpt=SHIPPED["gpt"]
 @torch.no_grad()
 def text_embeddings(models, prompts):
     """N prompts -> (N, D) L2-normalised CLIP text embeddings; over-long prompts are truncated with a warning."""
-    if any(not p.strip() for p in prompts):
-        raise data.UserError('empty prompt — describe the image, e.g. "a red circle on a blue background"')
     for p in prompts:  # + start and end tokens
         if (n := len(clip_lib.get_tokenizer().encode(p)) + 2) > models.clip.context_length:
             warnings.warn(f"prompt {p[:40]!r}... is {n} tokens, over CLIP's {models.clip.context_length}: truncated")
@@ -92,24 +86,16 @@ def text_embeddings(models, prompts):
 
 
 @torch.no_grad()
-def image_embeddings(models, pil_images):
-    """N PIL images -> (N, D) L2-normalised CLIP image embeddings."""
-    x = torch.stack([models.preprocess(im) for im in pil_images]).to(models.clip.text_projection.device)
-    return F.normalize(models.clip.encode_image(x).float(), dim=-1)  # (N, 3, R, R) -> (N, D)
-
-
-@torch.no_grad()
 def generate(models, cond, n=1, candidates=None, texts_for_ranking=None, temperature=1.0, top_k=None, top_p=None,
              cfg=1.0, seed=0, batch_size=16, as_float=False, progress=False):
-    """cond (N, D) CLIP embeddings -> per row, max(candidates, n) samples ranked by CLIP cosine to texts_for_ranking
-    ((N, D); default: cond), the best n kept. -> images uint8 (N, n, H, W, 3) (as_float: float (N, n, 3, H, W) in
-    [0, 1]) and scores (N, n), best first. The same seed and batch_size give the same images."""
+    """cond (N, D) CLIP embeddings -> per row the best n of max(candidates, n) samples by CLIP cosine to
+    texts_for_ranking ((N, D), default cond): uint8 (N, n, H, W, 3) (as_float: (N, n, 3, H, W) in [0, 1]) and scores
+    (N, n), best first. The same seed and batch_size give the same images."""
     candidates, device, grid = max(candidates or n, n), models.gpt.head.weight.device, models.vqgan.config.grid
-    rank = cond if texts_for_ranking is None else texts_for_ranking
     rows = cond.to(device).repeat_interleave(candidates, 0)                      # (N*C, D): prompt i at i*C .. i*C+C-1
-    rank = F.normalize(rank.float().to(device), dim=-1).repeat_interleave(candidates, 0)
-    generator = torch.Generator(device).manual_seed(seed)
-    images, scores = [], []
+    rank = F.normalize((cond if texts_for_ranking is None else texts_for_ranking).float().to(device), dim=-1)
+    rank = rank.repeat_interleave(candidates, 0)
+    generator, images, scores = torch.Generator(device).manual_seed(seed), [], []
     starts = range(0, len(rows), batch_size)
     for s in data.progress(starts, desc=f"batches of {batch_size} candidates") if progress else starts:
         tokens = models.gpt.generate(rows[s:s + batch_size], cfg_scale=cfg, temperature=temperature, top_k=top_k,
@@ -131,9 +117,8 @@ def labelled_grid(images, scores, labels, cell=128):
     """uint8 (N, n, H, W, 3) -> one PIL grid: a row per prompt under its label, each image over its CLIP score."""
     N, n, H, W, _ = images.shape
     w, h = W * max(1, cell // W), H * max(1, cell // W)  # nearest upscale: small (32-px) shapes stay visible, crisp
-    text_w = max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t)) for t in labels)
-    grid = Image.new("RGB", (max(n * (w + 4), text_w + 4) + 4, N * (h + 28) + 4), "white")
-    draw = ImageDraw.Draw(grid)
+    text_w = max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(t) for t in labels)  # the widest label
+    draw = ImageDraw.Draw(grid := Image.new("RGB", (max(n * (w + 4), int(text_w) + 4) + 4, N * (h + 28) + 4), "white"))
     for i, k in itertools.product(range(N), range(n)):
         x, y = 4 + k * (w + 4), 4 + i * (h + 28)
         draw.text((4, y), labels[i], fill="black")
@@ -142,40 +127,36 @@ def labelled_grid(images, scores, labels, cell=128):
     return grid
 
 
-def shapes_vocabulary():
-    """Every word of every shapes-world caption (data.caption over all colours, shapes, sizes and backgrounds)."""
-    ranges = map(range, (len(data.COLOR_NAMES), len(data.SHAPES), len(data.SIZES), len(data.COLOR_NAMES)))
-    return {w for c, s, z, b in itertools.product(*ranges)
-            for w in data.caption(dict(color=c, shape=s, size=z, bg=b, drop_size=False, drop_bg=False)).split()}
-
-
 def main(args):
-    if args.prompts and not Path(args.prompts).is_file():
-        raise data.UserError(f"--prompts {args.prompts}: no such file — pass a text file with one prompt per line")
-    prompts = args.prompt + ([ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
-                             if args.prompts else [])
-    try:
+    prompts, out = args.prompt, Path(args.out)
+    try:  # missing, unreadable, not an image, truncated: PIL raises many types (their messages name the file)
         pictures = [data.open_image(path) for path in args.image or []]
-    except Exception as e:  # missing, not an image, truncated: PIL raises many types (its message names the file)
+    except Exception as e:
         raise data.UserError(f"cannot read --image ({type(e).__name__}: {e}) — pass an image file") from None
-    if not prompts and not pictures:
-        raise data.UserError("nothing to draw — give a prompt, --prompts FILE or --image PATH")
-    if (out := Path(args.out)).exists() and not out.is_dir():
-        raise data.UserError(f"--out {out} is a file — pass a folder (each run writes a new numbered sub-folder)")
-    device = data.pick_device(args.device)
-    files = fetch_release() if args.weights == "hfai-coco" else SHIPPED
+    if not prompts and not pictures or any(not p.strip() for p in prompts):
+        raise data.UserError('nothing to draw — give a prompt (e.g. "a red circle on a blue background") or --image')
+    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):  # fail now, not after the sampling
+        raise data.UserError(f"--out {out} is a file or inside one — pass a folder (each run adds a sub-folder)")
+    device, files = data.pick_device(args.device), (fetch_release() if args.weights == "hfai-coco" else SHIPPED)
     models = load_models(*(getattr(args, k) or files[k] for k in ("clip", "vqgan", "gpt")), device=device,
                          dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.cfg != 1 and not models.gpt.config.null_cond:
         raise data.UserError(f"--cfg {args.cfg}: {NO_NULL} — use --cfg 1")
+    # the shapes world's words: those of every caption data.caption writes (each colour, shape, size, background)
+    ranges = [range(len(names)) for names in (data.COLOR_NAMES, data.SHAPES, data.SIZES, data.COLOR_NAMES)]
+    vocab = {w for c, s, z, b in itertools.product(*ranges)
+             for w in data.caption(dict(color=c, shape=s, size=z, bg=b, drop_size=0, drop_bg=0)).split()}
     words = {w for p in prompts for w in re.findall(r"[a-z]+", p.lower())}
-    if models.meta.get("dataset") == "shapes" and (unknown := sorted(words - shapes_vocabulary())):
+    if models.meta.get("dataset") == "shapes" and (unknown := sorted(words - vocab)):
         print(f"note: the shapes-world models know only coloured shapes, not {', '.join(unknown)}; for real images: "
               f"python sample.py \"{prompts[0]}\" --weights hfai-coco")
     knobs = {k: DEFAULTS[models.meta["layout"]].get(k) if getattr(args, k) is None else getattr(args, k)
              for k in ("n", "candidates", "top_k", "top_p")}
-    cond = ([text_embeddings(models, prompts)] if prompts else []) + ([image_embeddings(models, pictures)] if pictures
-                                                                     else [])
+    cond = [text_embeddings(models, prompts)] if prompts else []
+    if pictures:  # variations: the images' own CLIP embeddings, (N, 3, R, R) -> (N, D)
+        with torch.no_grad():
+            x = torch.stack([models.preprocess(im) for im in pictures]).to(device)
+            cond.append(F.normalize(models.clip.encode_image(x).float(), dim=-1))
     labels = prompts + [f"variations of {Path(p).name}" for p in args.image or []]
     images, scores = generate(models, torch.cat(cond), temperature=args.temperature, cfg=args.cfg, seed=args.seed,
                               batch_size=args.batch_size, progress=True, **knobs)
@@ -187,15 +168,14 @@ def main(args):
         Image.fromarray(images[i, k].numpy()).save(paths[-1])
         print(f"{paths[-1]}  clip score {scores[i, k]:.3f}")
     labelled_grid(images, scores, labels).save(run / "grid.png")
-    print(f"{run / 'grid.png'}  ({len(labels)} rows x {knobs['n']}, best of {knobs['candidates']} by CLIP score; "
-          f"top-k {knobs['top_k']}, top-p {knobs['top_p']})")
+    print(f"{run / 'grid.png'}  (best {knobs['n']} of {knobs['candidates']} by CLIP, top-k {knobs['top_k']}, "
+          f"top-p {knobs['top_p']})")
     return paths, scores
 
 
 def get_parser():
     num, p = data.num, data.ArgumentParser(prog="sample.py", description="CLIP-GEN: text or image -> images")
     p.add_argument("prompt", nargs="*", help="one or more text prompts")
-    p.add_argument("--prompts", help="a text file with one prompt per line")
     p.add_argument("--image", action="append", help="variations of this image (its CLIP embedding); repeatable")
     p.add_argument("--weights", choices=["shapes", "hfai-coco"], default="shapes", help="the shipped shapes world, "
                    f"or HFAiLab's MS-COCO release (~2.3 GB, downloaded into {data.CACHE / 'hfai-coco'} on first use)")
@@ -203,7 +183,7 @@ def get_parser():
     p.add_argument("--vqgan", help="VQGAN file instead of --weights' (ours, taming's .ckpt or HFAiLab's)")
     p.add_argument("--gpt", help="GPT file instead of --weights' (from train_gpt.py, or HFAiLab's gpt_coco.pt)")
     p.add_argument("--n", type=num(int, 1), help="images kept per prompt (default 4; 8 for HFAiLab's GPT)")
-    p.add_argument("--candidates", type=num(int, 1), help="images sampled per prompt and re-ranked by CLIP (default 64)")
+    p.add_argument("--candidates", type=num(int, 1), help="images sampled per prompt, re-ranked by CLIP (default 64)")
     p.add_argument("--temperature", type=num(float, 0, lo_open=True), default=1.0, help="softmax temperature")
     p.add_argument("--top-k", type=num(int, 1), help="sample among the k likeliest tokens (HFAiLab's GPT: 500)")
     p.add_argument("--top-p", type=num(float, 0, 1, lo_open=True), help="nucleus mass (HFAiLab's GPT: 0.95)")
