@@ -9,6 +9,7 @@ Each number follows one trusted tool exactly (docs/results.md holds the cross-ch
 - Shapes world: colour by an exact palette analysis, shape by a small CNN trained here on data.py's images.
 Files are read by data.open_image (unlike pytorch-fid's convert("RGB"): EXIF rotation, 16-bit, transparency).
 """
+import hashlib
 import json
 import os
 import random
@@ -208,6 +209,12 @@ def judge_set(n, seed, g):
     return torch.cat(clean + degraded), torch.tensor([it["shape"] for it in items]).repeat(2)
 
 
+def judge_world():
+    """What the judge learns from; a judge cached for another world (shapes, size, data.py drawing) is retrained."""
+    probe = np.stack([data.render(data.shape_attributes(7_000_001, i, centred=False), JUDGE_RES) for i in range(16)])
+    return {"res": JUDGE_RES, "shapes": data.SHAPES, "world": hashlib.sha256(probe.tobytes()).hexdigest()[:16]}
+
+
 def train_shape_judge(path, n_train=3_000, steps=300, n_val=1_000, seed=0):
     """Train the shape judge on data.py's procedural images (clean and degraded), save it -> (model, checkpoint)."""
     torch.manual_seed(seed)
@@ -229,7 +236,7 @@ def train_shape_judge(path, n_train=3_000, steps=300, n_val=1_000, seed=0):
     torch.set_num_threads(threads)
     with torch.no_grad():
         ok = (model.eval()(xv).argmax(1) == yv).float()
-    ckpt = {"model": model.state_dict(), "config": {"res": JUDGE_RES, "shapes": data.SHAPES, "n_train": n_train},
+    ckpt = {"model": model.state_dict(), "config": judge_world() | {"n_train": n_train},
             "step": steps, "val_acc": ok[:n_val].mean().item(), "val_acc_degraded": ok[n_val:].mean().item()}
     data.save_atomic(ckpt, path)
     print(f"trained the shape judge: {steps} steps, held-out accuracy {ckpt['val_acc']:.4f} clean, "
@@ -243,10 +250,10 @@ def load_shape_judge(path=None):
     if path.is_file():
         with data.loading(path, "shape judge"):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt["config"]["shapes"] == data.SHAPES and ckpt["config"]["res"] == JUDGE_RES:
+        if ckpt["config"] | judge_world() == ckpt["config"]:
             (model := shape_judge()).load_state_dict(ckpt["model"])
             return model.eval(), ckpt
-        print(f"{path} was trained for other shapes {ckpt['config']['shapes']}: retraining")
+        print(f"{path} was trained on another shapes world than data.py's: retraining it")
     return train_shape_judge(path)
 
 
@@ -303,14 +310,6 @@ def inception_scores(model, folder, args):
     return {"is": mean, "is_std": std, "n": len(logits)}
 
 
-def generate(models, args, prompts, n):
-    """prompts -> uint8 (len(prompts), n, H, W, 3) through sample.py, with the generation flags of `args`."""
-    images, _ = sample.generate(models, sample.text_embeddings(models, prompts), n=n, candidates=args.candidates,
-                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg=args.cfg,
-                                seed=args.seed, batch_size=args.gen_batch_size)
-    return images
-
-
 def read_captions(path, n, seed):
     """A .txt (one caption per line) or COCO's captions_*.json (one random caption of each image, the COCO-30k
     protocol) -> a seeded random subset of n captions, in file order."""
@@ -326,9 +325,13 @@ def read_captions(path, n, seed):
     return [captions[i] for i in sorted(random.Random(seed).sample(range(len(captions)), min(n, len(captions))))]
 
 
-def load_generator(args):
+def generator(args):
+    """sample.py's models and flags of `args` -> generate(prompts, n): uint8 images (len(prompts), n, H, W, 3)."""
     files = sample.fetch_release() if args.weights == "hfai-coco" else sample.SHIPPED
-    return sample.load_models(*(getattr(args, k) or files[k] for k in ("clip", "vqgan", "gpt")), device=args.device)
+    models = sample.load_models(*(getattr(args, k) or files[k] for k in ("clip", "vqgan", "gpt")), device=args.device)
+    flags = {k: getattr(args, k) for k in ("candidates", "temperature", "top_k", "top_p", "cfg", "seed")}
+    return lambda prompts, n: sample.generate(models, sample.text_embeddings(models, prompts), n=n,
+                                              batch_size=args.gen_batch_size, **flags)[0]
 
 
 def cmd_stats(args, model):
@@ -341,7 +344,7 @@ def cmd_stats(args, model):
 def cmd_shapes(args, _):
     """Every colour x shape prompt ("a red circle"), args.n images each, judged by palette analysis and the judge."""
     pairs = [(c, s) for c in range(len(data.COLORS)) for s in range(len(data.SHAPES)) for _ in range(args.n)]
-    images = generate(load_generator(args), args, [data.prompt(c, s) for c, s in pairs[::args.n]], args.n)
+    images = generator(args)([data.prompt(c, s) for c, s in pairs[::args.n]], args.n)
     judge, ckpt = load_shape_judge(args.judge)
     acc = shapes_accuracy(images.flatten(0, 1), [c for c, _ in pairs], [s for _, s in pairs], judge)
     return {k: acc[k] for k in ("color_acc", "shape_acc", "both_acc", "n")} | {
@@ -359,10 +362,10 @@ def cmd_coco(args, model):
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(run))
     todo = [i for i in range(len(captions)) if not (out / "images" / f"{i:05d}.png").exists()]
-    models = load_generator(args) if todo else None
+    generate = generator(args) if todo else None
     for j in data.progress(range(0, len(todo), 256), desc="captions, by 256"):  # a kill loses at most one chunk
         ids = todo[j:j + 256]
-        for i, im in zip(ids, generate(models, args, [captions[i] for i in ids], 1)[:, 0].numpy()):
+        for i, im in zip(ids, generate([captions[i] for i in ids], 1)[:, 0].numpy()):
             Image.fromarray(im).save(out / "images" / f"{i:05d}.png")
     results = fids(model, out / "images", args.ref_stats, args) | inception_scores(model, out / "images", args)
     load_clip = lambda name: clip.load(name, device=args.device)  # noqa: E731
