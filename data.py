@@ -22,6 +22,7 @@ import sys
 import urllib.request
 import warnings
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -168,8 +169,9 @@ class ImageFolder(Dataset):
         self.root, self.resolution, self.train = Path(root), resolution, train
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not self.files:
-            raise FileNotFoundError(f"no images found under {self.root} (looked for {sorted(IMAGE_EXTENSIONS)}, "
-                                    f"recursively); put image files there or point to another folder")
+            found = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise UserError(f"no images under {self.root} (looked recursively for {found}) — put image files there or "
+                            f"pass another --data folder")
         classes = sorted({p.parent for p in self.files})
         self.class_index = {c: i for i, c in enumerate(classes)} if len(classes) > 1 else {}
 
@@ -188,7 +190,7 @@ class ImageFolder(Dataset):
 
 
 def get_dataset(name_or_path, split="train", resolution=256, train=True, n=None):
-    """'shapes', 'imagenet' ($IMAGENET_DIR or data/imagenet) or a folder; uses <root>/<split> when it has train/ val/."""
+    """'shapes', 'imagenet' ($IMAGENET_DIR or data/imagenet) or a folder (its <split>/ when it has train/ and val/)."""
     if name_or_path == "shapes":
         if split not in ("train", "val"):
             raise ValueError(f"shapes has splits 'train' and 'val', not {split!r}")
@@ -197,13 +199,13 @@ def get_dataset(name_or_path, split="train", resolution=256, train=True, n=None)
     if name_or_path == "imagenet":
         root = Path(os.environ.get("IMAGENET_DIR", "data/imagenet"))
         if not (root / split).is_dir():
-            raise FileNotFoundError(
-                f"ImageNet not found: looked for {root / split}. Set IMAGENET_DIR to a folder holding train/ and val/ "
-                f"class folders (e.g. ILSVRC2012 extracted, val sorted into class folders), or pass --data FOLDER")
+            raise UserError(f"--data imagenet: no folder {root / split} — set IMAGENET_DIR to a folder holding train/ "
+                            f"and val/ class folders (ILSVRC2012, val sorted into classes), or pass --data FOLDER")
     else:
         root = Path(name_or_path)
         if not root.is_dir():
-            raise FileNotFoundError(f"--data {name_or_path!r} is neither 'shapes', 'imagenet' nor an existing folder")
+            raise UserError(f"--data {name_or_path}: {'is a file' if root.exists() else 'no such folder'} — pass "
+                            f"'shapes', 'imagenet' or a folder of images")
     if (root / "train").is_dir() and (root / "val").is_dir():
         root = root / split
     dataset = ImageFolder(root, resolution, train)
@@ -242,14 +244,49 @@ class UserError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with defaults in --help and one-line errors: 'prog: error: argument --cfg: ... — see prog --help'."""
+    """argparse with defaults in --help and one-line errors: 'prog: error: argument --cfg: ... — see prog --help'.
 
-    def __init__(self, *args, **kwargs):
+    presets={name: {dest: value}}: the trainers' named runs. The parser's own `--preset` flag picks one, whose values
+    become the defaults (so `--preset shapes --help` shows them); a flag given explicitly still wins.
+    """
+
+    def __init__(self, *args, presets=None, **kwargs):
         super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        self.presets, self.base_defaults = presets or {}, None
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.presets:
+            if self.base_defaults is None:  # restored before each preset, so a parser can be reused
+                self.base_defaults = {a.dest: a.default for a in self._actions if a.default is not argparse.SUPPRESS}
+            first = argparse.ArgumentParser(add_help=False)
+            first.add_argument("--preset", default=self.base_defaults["preset"])
+            name = first.parse_known_args(args)[0].preset
+            preset = self.presets.get(name, {})  # an unknown name is refused by --preset's choices
+            if unknown := set(preset) - set(self.base_defaults):
+                raise ValueError(f"preset {name!r} sets {sorted(unknown)}, which are not flags")
+            self.set_defaults(**{**self.base_defaults, **preset})
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
         print(f"{self.prog}: error: {message} — see {self.prog} --help", file=sys.stderr)
         sys.exit(2)
+
+
+def add_run_flags(parser, name, default_preset="shapes"):
+    """The flags every trainer shares, same names and meaning: the preset, where the run lives, how it runs."""
+    p = parser
+    p.add_argument("--preset", default=default_preset, choices=sorted(p.presets), help="named run (the PRESETS "
+                   "dict); it sets the defaults shown here, and a flag given explicitly wins")
+    p.add_argument("--out", default=f"out/{name}", help="the run's folder: ckpt.pt (resumable), the fp16 export, grids")
+    p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt exactly")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in <out> and start a new one")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available; under torchrun: its GPU)")
+    p.add_argument("--threads", type=num(int, 1), help="CPU threads (default: torch's choice); 1 is faster on a CPU "
+                   "shared with other jobs (idle intra-op threads spin)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=num(int, 0), default=0, help="RNG seed (rank r uses seed + r)")
+    p.add_argument("--stop-after", type=num(int, 1), help="leave, with a checkpoint, after this many steps of this "
+                   "run (a time-limited job); --resume continues exactly")
 
 
 def cli(main, parser, argv=None):
@@ -290,7 +327,8 @@ def pick_device(name=None):
         raise UserError(f"--device {name}: unknown device — use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
-                        f"{'no GPU found' if torch.backends.cuda.is_built() else 'a CPU-only build'}) — use --device cpu")
+                        f"{'no GPU found' if torch.backends.cuda.is_built() else 'a CPU-only build'}) "
+                        f"— use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s) — use cuda:0 .. "
                         f"cuda:{torch.cuda.device_count() - 1}")
@@ -301,9 +339,10 @@ def pick_device(name=None):
     return device
 
 
-def progress(iterable=None, **kwargs):
-    """tqdm on a terminal; nothing at all when stderr is a file (a log then holds the scripts' own lines, not \\r)."""
-    return tqdm(iterable, disable=None, dynamic_ncols=True, **kwargs)
+def progress(iterable=None, disable=False, **kwargs):
+    """tqdm on a terminal; nothing at all when stderr is a file (a log then holds the scripts' own lines, not \\r).
+    Lines printed with its .write() do not break the bar."""
+    return tqdm(iterable, disable=True if disable else None, dynamic_ncols=True, **kwargs)
 
 
 def open_image(path):
@@ -369,12 +408,16 @@ def download(url, path, sha256=None):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves a half-written checkpoint."""
+    """torch.save (or PIL's save, for an image) to a temporary file beside `path`, then rename: a crash never leaves a
+    half-written file, only a temp file that remove_stale_temps deletes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(obj, tmp)
+        if isinstance(obj, Image.Image):
+            obj.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+        else:
+            torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -403,7 +446,8 @@ def describe_checkpoint(obj):
         sd, maker = obj["model"], "a clipgen checkpoint" if "config" in obj else "HFAiLab's release layout"
     elif isinstance(obj.get("state_dict"), dict):
         sd, maker = obj["state_dict"], "a taming-transformers checkpoint"
-    keys = {k.removeprefix("_orig_mod.").removeprefix("module.").removeprefix("first_stage_model.") for k in map(str, sd)}
+    keys = {k.removeprefix("_orig_mod.").removeprefix("module.").removeprefix("first_stage_model.")
+            for k in map(str, sd)}
     has = lambda *names: any(k.startswith(names) for k in keys)
     if "text_projection" in keys:
         return "clip", f"a CLIP model ({maker})"
@@ -438,22 +482,24 @@ def explain_load_error(path, e, kind):
             return f"{path} is not a PyTorch checkpoint (it starts with {head[:4]!r}) — pass the .pt/.ckpt file"
     if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        return (f"{path} holds pickled Python code ({found.group(1) if found else 'an object'}) that clipgen never runs "
-                f"— load it where it was made and save its tensors alone: torch.save(model.state_dict(), path)")
+        return (f"{path} holds pickled Python code ({found.group(1) if found else 'an object'}) that clipgen never "
+                f"runs — load it where it was made and save its tensors alone: torch.save(model.state_dict(), path)")
     name = {"gpt": "GPT", "vqgan": "VQGAN", "clip": "CLIP"}.get(kind, kind)
     try:
         found, what = describe_checkpoint(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     except Exception:  # unreadable as a plain checkpoint (e.g. a TorchScript archive): judge by the error alone
         found, what = kind, None
-    if found != kind:
-        return f"{path} is {what}, not a {name} checkpoint — {f'pass it as --{found}' if found else f'pass a {name} file'}"
+    if kind in ("clip", "vqgan", "gpt") and found != kind:  # other kinds (LPIPS, VGG16) describe_checkpoint can't tell
+        fix = f"pass it as --{found}" if found else f"pass a {name} file"
+        return f"{path} is {what}, not a {name} checkpoint — {fix}"
     if isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in str(e):
         parts = []
         for label, words in (("Missing key", "missing"), ("Unexpected key", "unexpected")):
             if keys := _first_keys(str(e), label):
                 parts.append(f"{len(keys)} {words} ({', '.join(keys[:10])}{', ...' if len(keys) > 10 else ''})")
         if shapes := re.findall(r"size mismatch for ([^:]+):", str(e)):
-            parts.append(f"{len(shapes)} of another shape ({', '.join(shapes[:10])}{', ...' if len(shapes) > 10 else ''})")
+            more = ", ..." if len(shapes) > 10 else ""
+            parts.append(f"{len(shapes)} of another shape ({', '.join(shapes[:10])}{more})")
         return f"{path} does not fit the {name} it describes: {'; '.join(parts) or str(e)[:300]} — is it complete?"
     return None
 
@@ -463,7 +509,8 @@ def loading(path, kind):
     """Run a model file's loader; a failure that the file at `path` explains becomes one UserError line."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'} — pass the {kind} checkpoint file")
+        raise UserError(f"{path}: {'is a folder' if path.is_dir() else 'no such file'} — pass the {kind} "
+                        f"checkpoint file")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty — download or write it again")
     try:
@@ -481,26 +528,124 @@ def load_model(loader, path, kind):
         return loader(str(path))
 
 
-def setup_distributed():
-    """(rank, local_rank, world_size, device) from torchrun's environment; a plain process is rank 0 of 1."""
+def setup_distributed(device=None):
+    """(rank, local_rank, world_size, device) from torchrun's environment; a plain process is rank 0 of 1 on
+    pick_device(device). Under torchrun every process takes the GPU of its local rank (NCCL), or the CPU (gloo)."""
+    device = pick_device(device)
     if "RANK" not in os.environ:
-        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 0, 1, device
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+    if device.type == "cuda":
         device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, local_rank, world, device
 
 
+def mixed_precision(device):
+    """(autocast context, GradScaler) for training: bf16 on a GPU that has it, else fp16 with loss scaling (the
+    scaler is a pass-through otherwise); fp32 on CPU and MPS, where half-precision kernels are slow or missing."""
+    if device.type != "cuda":
+        return contextlib.nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
+def is_master():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def start_run(out, resume, overwrite=False, outputs=(), kind=None):
+    """What a trainer finds in its --out folder: the checkpoint dict to continue (resume=True) or None (a new run).
+
+    A folder holding a run (ckpt.pt) is never overwritten by accident: without --resume or --overwrite it is
+    refused. A new run deletes the files an earlier run left (ckpt.pt and the glob patterns `outputs`: exports, sample
+    grids), so two runs never mix; every start deletes the temp files of a checkpoint write that was killed.
+    """
+    out, ckpt = Path(out), Path(out) / "ckpt.pt"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file — pass a folder (it is created if needed)")
+    if is_master() and (n := remove_stale_temps(out)):
+        print(f"removed {n} temp file(s) of a checkpoint write that was interrupted, in {out}")
+    if resume:
+        if not ckpt.is_file():
+            raise UserError(f"--resume: there is no {ckpt} — drop --resume to start a new run, or pass the --out of "
+                            f"the run to continue")
+        return read_checkpoint(ckpt, kind)
+    if ckpt.is_file() and not overwrite:
+        try:
+            step = read_checkpoint(ckpt, kind).get("step", "?")
+        except UserError:  # unreadable: still a run, of unknown length
+            step = "?"
+        raise UserError(f"found a run at step {step} in {out} — pass --resume to continue it or choose another --out "
+                        f"(--overwrite deletes it)")
+    old = sorted({p for pattern in ("ckpt.pt", *outputs) for p in out.glob(pattern)}) if out.is_dir() else []
+    if is_master() and old:
+        for p in old:
+            p.unlink()
+        print(f"deleted {len(old)} file(s) of an earlier run in {out}: {', '.join(p.name for p in old[:5])}"
+              f"{', ...' if len(old) > 5 else ''}")
+    if is_master():
+        out.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()  # nobody writes before rank 0 has cleared the folder
+    return None
+
+
+def save_checkpoint(out, model, step, export, export_extra=None, **state):
+    """A trainer's checkpoint. Every rank calls it (each contributes its RNG state); rank 0 writes two files:
+
+    <out>/ckpt.pt, to resume exactly: {"model", "config", "step", "rng": [one per rank], **state}, where state holds
+    "optimizer", "scaler", "args" and the trainer's extras; then <out>/<export>, what the next stage and sample.py
+    read: {"model" (fp16), "config", "step", **export_extra}. Each is written atomically; a kill between the two
+    leaves an export one checkpoint older than ckpt.pt, and its "step" says which.
+    """
+    rngs = [rng_state()]
+    if dist.is_initialized():
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng_state())
+    if is_master():
+        sd, config = model.state_dict(), asdict(model.config)
+        save_atomic({"model": sd, "config": config, "step": step, "rng": rngs, **state}, Path(out) / "ckpt.pt")
+        save_atomic({"model": half_state_dict(sd), "config": config, "step": step, **(export_extra or {})},
+                    Path(out) / export)
+
+
+def restore_rng(states):
+    """This rank's RNGs from a checkpoint's per-rank list; left as seeded (and said so) if the world size changed."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if len(states) == world:
+        set_rng_state(states[rank])
+    elif rank == 0:
+        print(f"the checkpoint holds the RNG states of {len(states)} processes, this run has {world}: the random "
+              f"streams restart from the seed, so the run continues, but not bit for bit")
+
+
+def read_checkpoint(path, kind):
+    """torch.load(path, weights_only=True) with every failure the file explains told in one line (see loading).
+
+    pytorch-lightning stores classes in taming's .ckpt files (PL 1.0.8 keys `callbacks` by the ModelCheckpoint class);
+    each such name is read as an empty stand-in class, so nothing from lightning is imported or run.
+    """
+    stand_ins = []
+    with loading(path, kind):
+        while True:
+            try:
+                with torch.serialization.safe_globals(stand_ins):
+                    return torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                found = re.search(r"GLOBAL ((?:pytorch_lightning|lightning)\.[\w.]+)", str(e))
+                if found is None or len(stand_ins) >= 8:
+                    raise
+                stand_ins.append((type(found.group(1).rsplit(".", 1)[1], (), {}), found.group(1)))
+
+
 def rng_state():
     """Every RNG a training step draws from, as tensors and plain types (loadable with weights_only=True)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-             "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

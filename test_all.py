@@ -3,10 +3,13 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
+import random
 import re
 import subprocess
 import sys
+import time
 import types
 import urllib.request
 import warnings
@@ -32,6 +35,7 @@ import evaluate  # noqa: E402
 import gpt  # noqa: E402
 import inception  # noqa: E402
 import sample  # noqa: E402
+import train_clip  # noqa: E402
 import train_gpt  # noqa: E402
 import train_vqgan  # noqa: E402
 import vqgan  # noqa: E402
@@ -51,7 +55,7 @@ def one_thread():
 # =============================================================================
 # data
 
-def test_shapes_world_is_deterministic_and_labelled():
+def test_data_shapes_world_is_deterministic_and_labelled():
     a, b = data.Shapes(8, resolution=64)[5], data.Shapes(8, resolution=64)[5]
     assert torch.equal(a["image"], b["image"]) and a["caption"] == b["caption"]
     assert a["image"].shape == (3, 64, 64) and -1 <= a["image"].min() and a["image"].max() <= 1
@@ -61,7 +65,7 @@ def test_shapes_world_is_deterministic_and_labelled():
     assert not torch.equal(data.get_dataset("shapes", "val", 64)[5]["image"], a["image"])
 
 
-def test_shapes_pixels_are_exactly_the_palette():
+def test_data_shapes_pixels_are_exactly_the_palette():
     ds = data.Shapes(20, resolution=48)
     for i in range(20):
         item = ds[i]
@@ -70,7 +74,7 @@ def test_shapes_pixels_are_exactly_the_palette():
         assert colours == {data.COLORS[data.COLOR_NAMES[item["color"]]], data.COLORS[data.COLOR_NAMES[item["bg"]]]}
 
 
-def test_shapes_world_is_centred_and_the_judge_world_is_not():
+def test_data_shapes_world_is_centred_and_the_judge_world_is_not():
     centred = [data.shape_attributes(0, i) for i in range(200)]
     anywhere = [data.shape_attributes(0, i, centred=False) for i in range(200)]
     assert {(a["cx"], a["cy"]) for a in centred} == {(0.5, 0.5)}
@@ -82,12 +86,12 @@ def test_shapes_world_is_centred_and_the_judge_world_is_not():
     assert data.Shapes(4, resolution=32, centred=False)[1]["image"].shape == (3, 32, 32)
 
 
-def test_shapes_render_at_any_resolution():
+def test_data_shapes_render_at_any_resolution():
     a = data.shape_attributes(0, 3)
     assert data.render(a, 32).size == (32, 32) and data.render(a, 256).size == (256, 256)
 
 
-def test_captions_cover_short_prompts_and_articles():
+def test_data_captions_cover_short_prompts_and_articles():
     caps = {data.caption(data.shape_attributes(0, i)) for i in range(2000)}
     assert "a red circle" in caps and "an orange square" in caps
     assert any(c.startswith("a large") and c.endswith("background") for c in caps)
@@ -101,7 +105,7 @@ def _write_images(folder, n, size=(40, 30)):
         Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}.png")
 
 
-def test_image_folder_skips_and_counts_corrupt_files(tmp_path):
+def test_data_image_folder_skips_and_counts_corrupt_files(tmp_path):
     _write_images(tmp_path / "a", 3)
     (tmp_path / "a" / "bad.jpg").write_bytes(b"not an image at all")
     good = tmp_path / "a" / "0.png"
@@ -113,7 +117,7 @@ def test_image_folder_skips_and_counts_corrupt_files(tmp_path):
     assert batches[0]["image"].shape == (3, 3, 16, 16) and batches[0]["skipped"] == 2
 
 
-def test_imagenet_layout_splits_and_labels(tmp_path, monkeypatch):
+def test_data_imagenet_layout_splits_and_labels(tmp_path, monkeypatch):
     for split in ("train", "val"):
         for cls in ("n01", "n02"):
             _write_images(tmp_path / split / cls, 2, size=(50, 20))
@@ -123,16 +127,26 @@ def test_imagenet_layout_splits_and_labels(tmp_path, monkeypatch):
     assert ds[0]["image"].shape == (3, 16, 16)
 
 
-def test_missing_or_empty_data_says_where_it_looked(tmp_path, monkeypatch):
+def test_data_missing_or_empty_data_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("IMAGENET_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(data.UserError) as e:
         data.get_dataset("imagenet")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no images found under"):
+    assert str(e.value) == (f"--data imagenet: no folder {tmp_path / 'nowhere' / 'train'} — set IMAGENET_DIR to a "
+                            f"folder holding train/ and val/ class folders (ILSVRC2012, val sorted into classes), or "
+                            f"pass --data FOLDER")
+    with pytest.raises(data.UserError) as e:
+        data.get_dataset(str(tmp_path / "missing"))
+    assert str(e.value) == (f"--data {tmp_path / 'missing'}: no such folder — pass 'shapes', 'imagenet' or a folder "
+                            f"of images")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(data.UserError) as e:
         data.get_dataset(str(tmp_path / "empty"))
+    assert str(e.value) == (f"no images under {tmp_path / 'empty'} (looked recursively for .bmp, .gif, .jpeg, .jpg, "
+                            f".png, .ppm, .tif, .tiff, .webp) — put image files there or pass another --data folder")
 
 
-def test_centre_crop_is_centred_and_train_crop_random():
+def test_data_centre_crop_is_centred_and_train_crop_random():
     img = Image.fromarray(np.arange(60, dtype=np.uint8).reshape(1, 60).repeat(20, 0)[..., None].repeat(3, 2))
     centre = np.asarray(data.resize_crop(img, 20, train=False))
     assert centre[0, 0, 0] == 20 and centre[0, -1, 0] == 39
@@ -140,8 +154,7 @@ def test_centre_crop_is_centred_and_train_crop_random():
     assert len(crops) > 3
 
 
-def test_atomic_save_and_rng_state_round_trip(tmp_path):
-    import random
+def test_data_atomic_save_and_rng_state_round_trip(tmp_path):
     path = tmp_path / "ck.pt"
     data.save_atomic({"rng": data.rng_state(), "x": torch.ones(2)}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
@@ -149,6 +162,105 @@ def test_atomic_save_and_rng_state_round_trip(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1))
     data.set_rng_state(state)
     assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+
+
+def exif_jpeg(path):
+    """16x8 JPEG, left half red, right half blue, stored sideways: EXIF orientation 6 (rotate 90 degrees clockwise)."""
+    img = Image.new("RGB", (16, 8), (255, 0, 0))
+    img.paste((0, 0, 255), (8, 0, 16, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(path, exif=exif, quality=95)
+
+
+def animated_gif(path):
+    frames = [Image.new("RGB", (4, 4), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def palette_with_transparency(path):
+    img = Image.new("P", (2, 1))
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    img.putpixel((1, 0), 1)
+    img.save(path, transparency=1)  # palette index 1 (blue) is transparent
+
+
+# (file name, writer, expected RGB pixels as a nested list, or (size, {pixel: RGB}) for the geometric cases)
+IMAGE_MODES = {
+    "I;16": ("grey16.png", lambda p: Image.fromarray(np.array([[0, 32768, 65535]], np.uint16)).save(p),
+             [[[0] * 3, [128] * 3, [255] * 3]]),
+    "I (32-bit)": ("grey32.tif", lambda p: Image.fromarray(np.array([[0, 100_000, 200_000]], np.int32), "I").save(p),
+                   [[[0] * 3, [128] * 3, [255] * 3]]),
+    "F": ("float.tif", lambda p: Image.fromarray(np.array([[0.0, 0.25, 1.0]], np.float32), "F").save(p),
+          [[[0] * 3, [64] * 3, [255] * 3]]),
+    "P + transparency": ("palette.png", palette_with_transparency, [[[255, 0, 0], [255, 255, 255]]]),
+    "CMYK": ("cmyk.tif", lambda p: Image.frombytes("CMYK", (2, 1), bytes([0, 255, 255, 0, 0, 0, 0, 128])).save(p),
+             [[[255, 0, 0], [127, 127, 127]]]),
+    "LA": ("la.png", lambda p: Image.frombytes("LA", (3, 1), bytes([100, 255, 100, 0, 0, 128])).save(p),
+           [[[100] * 3, [255] * 3, [127] * 3]]),  # alpha 128 over white: 0 * 128/255 + 255 * 127/255
+    "1": ("bits.png", lambda p: Image.frombytes("1", (2, 1), bytes([0b01000000])).save(p), [[[0] * 3, [255] * 3]]),
+    "RGBA": ("rgba.png", lambda p: Image.frombytes("RGBA", (2, 1), bytes([10, 20, 30, 255, 10, 20, 30, 0])).save(p),
+             [[[10, 20, 30], [255, 255, 255]]]),
+    "1x1": ("tiny.png", lambda p: Image.new("RGB", (1, 1), (10, 20, 30)).save(p), [[[10, 20, 30]]]),
+    "EXIF-rotated JPEG": ("rotated.jpg", exif_jpeg, ((8, 16), {(4, 3): (255, 0, 0), (4, 12): (0, 0, 255)})),
+    "animated GIF": ("anim.gif", animated_gif, ((4, 4), {(0, 0): (255, 0, 0), (3, 3): (255, 0, 0)})),
+    "large": ("large.png", lambda p: Image.new("RGB", (4000, 3000), (40, 80, 120)).save(p),
+              ((4000, 3000), {(0, 0): (40, 80, 120), (3999, 2999): (40, 80, 120)})),
+}
+
+
+@pytest.mark.parametrize("mode", IMAGE_MODES)
+def test_data_open_image_decodes_every_mode_faithfully(tmp_path, mode):
+    name, write, expected = IMAGE_MODES[mode]
+    write(tmp_path / name)
+    img = data.open_image(tmp_path / name)
+    assert img.mode == "RGB"
+    if isinstance(expected, list):
+        assert np.asarray(img).tolist() == expected
+    else:  # JPEG is lossy: within a few levels
+        size, pixels = expected
+        assert img.size == size
+        for xy, rgb in pixels.items():
+            assert np.abs(np.subtract(img.getpixel(xy), rgb)).max() <= 8, (xy, img.getpixel(xy))
+    # and through a dataset: the tensor holds the same values, scaled to [-1, 1]
+    item = data.ImageFolder(tmp_path, resolution=1, train=False)[0]
+    assert item["image"].shape == (3, 1, 1) and -1 <= item["image"].min() <= item["image"].max() <= 1
+
+
+def test_data_presets_set_defaults_and_explicit_flags_win(capsys):
+    presets = {"small": dict(lr=0.5, steps=3), "big": dict(steps=9)}
+    p = data.ArgumentParser(prog="t.py", presets=presets)
+    p.add_argument("--preset", default="small", choices=sorted(presets))
+    p.add_argument("--lr", type=data.num(float, 0, lo_open=True), default=1.0)
+    p.add_argument("--steps", type=data.num(int, 1), default=1, help="training steps")
+    assert vars(p.parse_args([])) == dict(preset="small", lr=0.5, steps=3)
+    assert vars(p.parse_args(["--preset", "big"])) == dict(preset="big", lr=1.0, steps=9)  # no leftover from "small"
+    assert vars(p.parse_args(["--steps", "5", "--preset=big"])) == dict(preset="big", lr=1.0, steps=5)
+    for bad, message in [(["--lr", "0"], "argument --lr: 0 is out of range: it must be > 0"),
+                         (["--lr", "nan"], "argument --lr: nan is out of range: it must be > 0"),
+                         (["--steps", "99999999999999999999"], "argument --steps: 99999999999999999999 is too large: "
+                                                               "integers here are at most 2**63 - 1"),
+                         (["--preset", "huge"], "argument --preset: invalid choice: 'huge' (choose from 'big', "
+                                                "'small')")]:
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+        assert capsys.readouterr().err == f"t.py: error: {message} — see t.py --help\n"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--preset", "big", "--help"])
+    assert re.search(r"--steps STEPS\s+training steps \(default: 9\)", capsys.readouterr().out)  # the preset's value
+    with pytest.raises(ValueError, match=r"preset 'big' sets \['typo'\], which are not flags"):
+        presets["big"]["typo"] = 1
+        p.parse_args(["--preset", "big"])
+
+
+def test_data_save_atomic_and_stale_temps(tmp_path):
+    data.save_atomic(Image.new("RGB", (2, 2), (1, 2, 3)), tmp_path / "grid.png")
+    assert Image.open(tmp_path / "grid.png").getpixel((1, 1)) == (1, 2, 3)
+    (tmp_path / ".ckpt.pt.123.tmp").write_bytes(b"half")
+    (tmp_path / ".grid.png.9.tmp").write_bytes(b"half")
+    assert data.remove_stale_temps(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
+    assert data.remove_stale_temps(tmp_path / "missing") == 0
 
 
 # =============================================================================
@@ -424,16 +536,51 @@ def test_clip_cli_zero_shot_and_bad_inputs(tmp_path, capsys):
 # ---------------------------------------------------------------------------- train_clip
 
 
+def trainer_error(capsys, module, *argv):
+    """Run a script's command line in-process: it must refuse with exit status 2 and one line on stderr (returned)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        data.cli(module.main, module.get_parser(), [str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    return err.strip()
+
+
+def run_trainer(module, *argv):
+    return module.main(module.get_parser().parse_args([str(a) for a in argv]))
+
+
+def check_run_protection(capsys, module, out, *argv):
+    """A finished run in `out` is refused without --resume; --resume needs a run; a start deletes the temp file of a
+    killed checkpoint write; --overwrite starts over and deletes the earlier run's files."""
+    prog = f"{module.__name__}.py"
+    run_trainer(module, *argv, "--out", out)
+    step = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert trainer_error(capsys, module, *argv, "--out", out) == (
+        f"{prog}: error: found a run at step {step} in {out} — pass --resume to continue it or choose another --out "
+        f"(--overwrite deletes it)")
+    assert trainer_error(capsys, module, *argv, "--out", out.parent / "none", "--resume") == (
+        f"{prog}: error: --resume: there is no {out.parent / 'none' / 'ckpt.pt'} — drop --resume to start a new run, "
+        f"or pass the --out of the run to continue")
+    (out / ".ckpt.pt.4242.tmp").write_bytes(b"half a checkpoint")
+    run_trainer(module, *argv, "--out", out, "--resume", "--max-steps", step + 2)
+    assert not list(out.glob(".*")) and torch.load(out / "ckpt.pt", weights_only=True)["step"] == step + 2
+    later = {p.name for p in out.iterdir()}
+    run_trainer(module, *argv, "--out", out, "--overwrite")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step
+    return later - {p.name for p in out.iterdir()}  # the files of the discarded run's later steps: all gone
+
+
 def test_train_clip_lowers_loss_and_loads(tmp_path):
-    import train_clip
-    args = train_clip.get_args(["--preset", "tiny", "--out-dir", str(tmp_path), "--export", str(tmp_path / "clip.pt"),
-                                "--max-steps", "12", "--eval-n", "48", "--threads", "1"])
-    out = train_clip.main(args)
-    losses = out["losses"]
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
-    model, _ = clip.load(str(tmp_path / "clip.pt"), device="cpu")
+    res = run_trainer(train_clip, "--preset", "tiny", "--out", tmp_path, "--max-steps", 12, "--eval-images", 48,
+                      "--log-interval", 1, "--threads", 1)
+    losses = [mean["loss"] for _, mean in res["log"]]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    model, _ = clip.load(str(tmp_path / "clip.pt"), device="cpu")  # the fp16 export, written at the checkpoint
     assert model.visual.input_resolution == 32 and model.embed_dim == 32
+    assert torch.load(tmp_path / "clip.pt", weights_only=True)["step"] == 12
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert sorted(ckpt) == ["args", "config", "model", "optimizer", "rng", "scaler", "step"] and len(ckpt["rng"]) == 1
     trained = clip.build_model(dict(ckpt["model"]))
     image, tokens = torch.randn(2, 3, 32, 32), clip.tokenize(["a red circle", "a blue square"])
     with torch.no_grad():  # the exported fp16 file is the trained model up to fp16 rounding
@@ -442,17 +589,20 @@ def test_train_clip_lowers_loss_and_loads(tmp_path):
 
 
 def test_train_clip_resume_is_exact(tmp_path):
-    import train_clip
-    common = ["--preset", "tiny", "--eval-n", "8", "--threads", "1", "--ckpt-interval", "0", "--batch-size", "16"]
-    full = train_clip.main(train_clip.get_args(common + ["--out-dir", str(tmp_path / "a"), "--max-steps", "4"]))
-    train_clip.main(train_clip.get_args(common + ["--out-dir", str(tmp_path / "b"), "--max-steps", "4",
-                                                  "--stop-after", "2"]))
-    resumed = train_clip.main(train_clip.get_args(common + ["--out-dir", str(tmp_path / "b"), "--max-steps", "4",
-                                                            "--resume"]))
-    assert resumed["losses"] == full["losses"][2:]
+    common = ["--preset", "tiny", "--eval-images", 8, "--threads", 1, "--batch-size", 16, "--max-steps", 4,
+              "--log-interval", 1]
+    full = run_trainer(train_clip, *common, "--out", tmp_path / "a")
+    run_trainer(train_clip, *common, "--out", tmp_path / "b", "--stop-after", 2)  # a time-limited job
+    resumed = run_trainer(train_clip, *common, "--out", tmp_path / "b", "--resume")
+    assert resumed["log"] == full["log"][2:]
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_clip_never_overwrites_a_run(tmp_path, capsys):
+    check_run_protection(capsys, train_clip, tmp_path / "run", "--preset", "tiny", "--max-steps", 2, "--batch-size",
+                         8, "--eval-images", 8, "--threads", 1)
 
 
 # =============================================================================
@@ -644,17 +794,16 @@ def test_vqgan_refuses_truncated_and_wrong_kind_of_file(hfai_files, tmp_path):
 
 
 def vqgan_train_args(out, *extra):
-    return train_vqgan.get_args(["--data", "shapes", "--model", "tiny", "--resolution", "32", "--batch-size", "4",
-                                 "--n-train", "64", "--eval-images", "8", "--eval-interval", "1000", "--log-interval",
-                                 "2", "--lr", "1e-3", "--out", str(out), "--no-bar", "--threads", "1", *extra])
+    # the tiny preset: 64 shapes images at 32 px, GAN from step 2, dead-code restarts every 2 steps
+    return train_vqgan.get_parser().parse_args(["--preset", "tiny", "--out", str(out), "--threads", "1",
+                                                *map(str, extra)])
 
 
-def test_resume_reproduces_next_steps(tmp_path):
-    # GAN on from step 2 and restarts every 2 steps: D, its optimizer, the adaptive weight and the restart RNG resume
-    common = ["--max-steps", "6", "--disc-start", "2", "--restart-every", "2"]
-    train_vqgan.main(vqgan_train_args(tmp_path / "a", *common))
-    train_vqgan.main(vqgan_train_args(tmp_path / "b", *common, "--stop-after", "3"))  # "killed" after step 3
-    train_vqgan.main(vqgan_train_args(tmp_path / "b", *common, "--resume"))
+def test_train_vqgan_resume_is_exact(tmp_path):
+    # D, its optimizer, the adaptive weight, the codebook usage and the restart RNG all resume; a checkpoint at step 3
+    train_vqgan.main(vqgan_train_args(tmp_path / "a"))
+    train_vqgan.main(vqgan_train_args(tmp_path / "b", "--stop-after", 4))  # a time-limited job, or a kill after 4
+    train_vqgan.main(vqgan_train_args(tmp_path / "b", "--resume"))
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 6
@@ -662,22 +811,25 @@ def test_resume_reproduces_next_steps(tmp_path):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert torch.equal(a["usage"], b["usage"])
-    ea, eb = a["opt_ae"]["state"][0]["exp_avg"], b["opt_ae"]["state"][0]["exp_avg"]
-    assert torch.equal(ea, eb)
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+    assert sorted(a) == ["args", "config", "disc", "disc_optimizer", "model", "optimizer", "rng", "scaler", "step",
+                         "usage"]
 
 
-def test_loss_falls(tmp_path):
-    args = vqgan_train_args(tmp_path, "--max-steps", "25", "--n-train", "8")  # fit 8 images: L1 on them must fall
+def test_train_vqgan_loss_falls(tmp_path):
+    args = vqgan_train_args(tmp_path, "--max-steps", 25, "--n-images", 8, "--eval-interval", 0, "--disc-start", 10**9)
     torch.manual_seed(args.seed)
     fresh = vqgan.VQGAN(vqgan.Config(**vqgan.PRESETS["tiny"]))
-    seen = train_vqgan.data.get_dataset("shapes", "train", 32, train=False, n=8)
+    seen = data.get_dataset("shapes", "train", 32, train=False, n=8)
     before = train_vqgan.evaluate(fresh, seen, 8, "cpu")[0]["l1"]
-    after = train_vqgan.evaluate(train_vqgan.main(args), seen, 8, "cpu")[0]["l1"]
+    after = train_vqgan.evaluate(train_vqgan.main(args)["model"], seen, 8, "cpu")[0]["l1"]
     assert after < 0.8 * before, (before, after)
-    assert (tmp_path / "vqgan.pt").exists() and list(tmp_path.glob("rec_*.png"))
+    export = torch.load(tmp_path / "vqgan.pt", weights_only=True)  # the fp16 model-only file, of the same step
+    assert export["step"] == 25 and export["model"]["decoder.conv_out.weight"].dtype == torch.float16
+    assert sorted(p.name for p in tmp_path.glob("rec_*.png")) == ["rec_0000025.png"]
 
 
-def test_corrupt_images_skipped(tmp_path, capsys):
+def test_train_vqgan_corrupt_images_skipped_and_counted(tmp_path, capsys):
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(6):
@@ -685,44 +837,100 @@ def test_corrupt_images_skipped(tmp_path, capsys):
     (folder / "bad.jpg").write_bytes(b"not an image at all")
     good = (folder / "ok0.png").read_bytes()
     (folder / "truncated.png").write_bytes(good[: len(good) // 2])
-    args = train_vqgan.get_args(["--data", str(folder), "--model", "tiny", "--resolution", "32", "--batch-size", "4",
-                                 "--max-steps", "2", "--eval-images", "8", "--perceptual-weight", "0", "--lr", "1e-3",
-                                 "--out", str(tmp_path / "out"), "--no-bar", "--workers", "0", "--eval-interval", "2",
-                                 "--threads", "1"])
     with pytest.warns(UserWarning, match="skipping unreadable image"):
-        train_vqgan.main(args)
-    assert "skipped 2 unreadable images" in capsys.readouterr().out
+        train_vqgan.main(vqgan_train_args(tmp_path / "out", "--data", folder, "--n-images", 8, "--max-steps", 2))
+    assert "rank 0: epoch 0: skipped 2 unreadable images" in capsys.readouterr().out
 
 
-def test_missing_lpips_weights_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_vqgan, "CACHE", tmp_path / "cache")
-    monkeypatch.setitem(sys.modules, "clip", None)  # no downloader (and no network) available
-    with pytest.raises(SystemExit, match="--perceptual-weight 0"):
-        train_vqgan.get_lpips(None, "cpu")
+def test_train_vqgan_missing_data_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("IMAGENET_DIR", str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    base = ["--preset", "tiny", "--out", tmp_path / "out"]
+    assert trainer_error(capsys, train_vqgan, *base, "--data", "imagenet") == (
+        f"train_vqgan.py: error: --data imagenet: no folder {tmp_path / 'nowhere' / 'train'} — set IMAGENET_DIR to a "
+        f"folder holding train/ and val/ class folders (ILSVRC2012, val sorted into classes), or pass --data FOLDER")
+    assert trainer_error(capsys, train_vqgan, *base, "--data", tmp_path / "missing") == (
+        f"train_vqgan.py: error: --data {tmp_path / 'missing'}: no such folder — pass 'shapes', 'imagenet' or a "
+        f"folder of images")
+    assert trainer_error(capsys, train_vqgan, *base, "--data", tmp_path / "empty").startswith(
+        f"train_vqgan.py: error: no images under {tmp_path / 'empty'} (looked recursively for .bmp, ")
+    assert trainer_error(capsys, train_vqgan, *base, "--lr", "-1") == (
+        "train_vqgan.py: error: argument --lr: -1 is out of range: it must be > 0 — see train_vqgan.py --help")
+    assert trainer_error(capsys, train_vqgan, *base, "--device", "tpu") == (
+        "train_vqgan.py: error: --device tpu: unknown device — use cpu, cuda, cuda:N or mps")
 
 
-def test_ddp_two_processes_gloo(tmp_path):
+def test_train_vqgan_never_overwrites_a_run(tmp_path, capsys):
+    gone = check_run_protection(capsys, train_vqgan, tmp_path / "run", "--preset", "tiny", "--max-steps", 2,
+                                "--eval-interval", 1, "--threads", 1)
+    assert gone == {"rec_0000003.png", "rec_0000004.png"}  # no grid of the discarded run stays beside the new one
+
+
+def test_train_vqgan_kill_during_checkpoint_writes(tmp_path, capsys):
+    """kill -9 at random moments of a run that writes ckpt.pt, vqgan.pt and a grid at every step: the last checkpoint
+    always loads, the export is of its step or the one before, and the next start resumes from it, temp files gone."""
+    out, rng, last, seen = tmp_path / "run", random.Random(0), 0, None
+    fork = multiprocessing.get_context("fork")  # a forked trainer skips the seconds of a fresh interpreter's imports
+    for attempt in range(3):
+        args = vqgan_train_args(out, "--max-steps", 100_000, "--eval-interval", 1, "--log-interval", 1000,
+                                *(["--resume"] if attempt else []))
+        p = fork.Process(target=train_vqgan.main, args=(args,))
+        p.start()
+        t0 = time.time()
+        while not (out / "ckpt.pt").exists() or (out / "ckpt.pt").stat().st_ino == seen:  # renamed into place: new inode
+            assert p.is_alive() and time.time() - t0 < 60  # until this start has written a checkpoint
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.3))
+        p.kill()  # SIGKILL
+        p.join()
+        ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+        assert ckpt["step"] > last and vqgan.VQGAN.from_checkpoint(out / "vqgan.pt", verbose=False) is not None
+        assert torch.load(out / "vqgan.pt", weights_only=True)["step"] in (ckpt["step"] - 1, ckpt["step"])
+        last, seen = ckpt["step"], (out / "ckpt.pt").stat().st_ino
+    capsys.readouterr()
+    train_vqgan.main(vqgan_train_args(out, "--resume", "--stop-after", 1, "--eval-interval", 1))
+    assert f"resumed {out / 'ckpt.pt'} at step {last}\n" in capsys.readouterr().out
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == last + 1 and not list(out.glob(".*"))
+
+
+def test_train_vqgan_lpips_download_failure_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(train_vqgan, "VGG_URL", (tmp_path / "nowhere" / "vgg16-397923af.pth").as_uri())
+    err = trainer_error(capsys, train_vqgan, "--preset", "tiny", "--out", tmp_path / "out", "--perceptual-weight", 1)
+    assert err == (
+        f"train_vqgan.py: error: cannot download {train_vqgan.VGG_URL} (<urlopen error [Errno 2] No such file or "
+        f"directory: '{tmp_path / 'nowhere' / 'vgg16-397923af.pth'}'>) — without a network, fetch it elsewhere and "
+        f"put it at {tmp_path / 'cache' / 'vgg16-397923af.pth'}")
+    assert not (tmp_path / "cache" / "vgg16-397923af.pth").exists()
+
+
+def test_train_vqgan_ddp_two_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "train_vqgan.py"), "--data", "shapes", "--model", "tiny", "--resolution", "32", "--batch-size",
-           "2", "--n-train", "32", "--eval-images", "4", "--max-steps", "3", "--disc-start", "1", "--restart-every",
-           "2", "--log-interval", "1", "--eval-interval", "3", "--out", str(tmp_path), "--no-bar", "--threads", "1"]
+           str(ROOT / "train_vqgan.py"), "--preset", "tiny", "--batch-size", "2", "--n-images", "32", "--max-steps",
+           "3", "--disc-start", "1", "--log-interval", "1", "--out", str(tmp_path), "--threads", "1"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "batch 2x2" in r.stdout and "eval step 3" in r.stdout
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and len(ckpt["rng"]) == 2  # both ranks' RNG states, for an exact resume
 
 
-def test_lpips_loads_published_layouts(tmp_path):
-    """torchvision's VGG16 file + LPIPS' vgg.pth (random values, same keys), and taming's loss.perceptual_loss.*."""
+def lpips_files(folder):
+    """torchvision's VGG16 file and LPIPS' vgg.pth, with random values under the published keys."""
     torch.manual_seed(0)
     names = train_vqgan.LPIPS().state_dict()
     feats = {f"features.{k.split('.')[2]}.{k.split('.')[3]}": torch.randn_like(v) * 0.05
              for k, v in names.items() if k.startswith("net.")}
     feats["classifier.0.weight"] = torch.zeros(2, 2)  # present in torchvision's file, unused
-    torch.save(feats, tmp_path / "vgg16-397923af.pth")
+    torch.save(feats, folder / "vgg16-397923af.pth")
     torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate([64, 128, 256, 512, 512])},
-               tmp_path / "vgg.pth")
+               folder / "vgg.pth")
+
+
+def test_train_vqgan_lpips_loads_published_layouts(tmp_path):
+    """the folder layout (VGG16 + vgg.pth), and taming's loss.perceptual_loss.* inside a .ckpt."""
+    lpips_files(tmp_path)
     lp = train_vqgan.LPIPS().load(tmp_path).eval()
     x, y = images(2), images(2, seed=1)
     d = lp(x, y)
@@ -731,6 +939,23 @@ def test_lpips_loads_published_layouts(tmp_path):
           for k, v in lp.state_dict().items()}
     torch.save({"state_dict": sd}, tmp_path / "taming.ckpt")
     assert torch.equal(train_vqgan.LPIPS().load(tmp_path / "taming.ckpt").eval()(x, y), d)
+
+
+def test_train_vqgan_lpips_file_with_a_missing_tensor_names_it(tmp_path):
+    lpips_files(tmp_path)
+    lin = torch.load(tmp_path / "vgg.pth", weights_only=True)
+    del lin["lin3.model.1.weight"]
+    torch.save(lin, tmp_path / "vgg.pth")
+    with pytest.raises(data.UserError) as e:
+        train_vqgan.LPIPS().load(tmp_path)
+    assert str(e.value) == (f"{tmp_path / 'vgg.pth'} does not fit the LPIPS it describes: 1 missing "
+                            f"(lin3.model.1.weight) — is it complete?")
+    vgg = torch.load(tmp_path / "vgg16-397923af.pth", weights_only=True)
+    vgg["features.99.weight"] = vgg.pop("features.28.bias")[None]
+    torch.save(vgg, tmp_path / "vgg16-397923af.pth")
+    with pytest.raises(data.UserError) as e:
+        train_vqgan.LPIPS().load(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'vgg16-397923af.pth'} does not fit")
 
 
 # =============================================================================
@@ -862,107 +1087,131 @@ def test_gpt_refuses_wrong_kind_of_file(hfai_files, tmp_path):
 def make_frozen(path, seed=0):
     torch.manual_seed(seed)
     v = vq.VQGAN(vq.Config(**vq.PRESETS["tiny"]))
-    torch.save(v.checkpoint(), path / f"vq{seed}.pt")
+    torch.save({"model": v.state_dict(), "config": asdict(v.config), "step": 0}, path / f"vq{seed}.pt")
     c = clip.CLIP(clip.Config(embed_dim=8, image_resolution=32, vision_layers=[1, 1, 1, 1], vision_width=8,
                               vision_patch_size=0, transformer_width=32, transformer_layers=1))
-    torch.save({"model": c.state_dict(), "config": asdict(c.config), "step": 0}, path / "clip.pt")
-    return str(path / f"vq{seed}.pt"), str(path / "clip.pt")
+    torch.save({"model": c.state_dict(), "config": asdict(c.config), "step": 0}, path / f"clip{seed}.pt")
+    return str(path / f"vq{seed}.pt"), str(path / f"clip{seed}.pt")
+
+
+def gpt_args(*argv):
+    return train_gpt.get_parser().parse_args(["--preset", "tiny", "--threads", "1", *map(str, argv)])
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     d = tmp_path_factory.mktemp("gpt")
     vq_path, clip_path = make_frozen(d)
-    args = train_gpt.parse_args(["--preset", "tiny", "--n-images", "48", "--vqgan", vq_path, "--clip", clip_path,
-                                 "--data-dir", str(d / "data"), "--flip", "--prepare-only"])
-    meta = train_gpt.main(args)
+    meta = train_gpt.main(gpt_args("--n-images", 48, "--vqgan", vq_path, "--clip", clip_path, "--data-dir",
+                                   d / "data", "--flip", "--prepare-only"))["meta"]
     return d, vq_path, clip_path, meta
 
 
-def test_prepare_writes_files_and_refuses_a_mismatch(prepared):
-    import numpy as np
+def test_train_gpt_prepare_writes_files_and_refuses_a_mismatch(prepared):
     d, vq_path, clip_path, meta = prepared
     tok, emb = np.load(d / "data" / "tokens.npy"), np.load(d / "data" / "clip_emb.npy")
     assert tok.dtype == np.uint16 and tok.shape == (96, 64) and tok.max() < 64  # 48 images + flips, 8x8 grid
     assert emb.dtype == np.float16 and emb.shape == (96, 8)
     assert np.allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1, atol=2e-3)
     assert meta["codebook_size"] == 64 and meta["grid"] == [8, 8] and meta["flip"] and meta["rows"] == 96
-    base = ["--preset", "tiny", "--n-images", "48", "--clip", clip_path, "--data-dir", str(d / "data"),
-            "--prepare-only"]
-    assert train_gpt.main(train_gpt.parse_args(base + ["--vqgan", vq_path, "--flip"])) == meta  # reused
+    base = ["--n-images", 48, "--clip", clip_path, "--data-dir", d / "data", "--prepare-only"]
+    assert train_gpt.main(gpt_args(*base, "--vqgan", vq_path, "--flip"))["meta"] == meta  # reused
     other_vq, _ = make_frozen(d, seed=1)
-    with pytest.raises(SystemExit, match="vqgan_sha256"):
-        train_gpt.main(train_gpt.parse_args(base + ["--vqgan", other_vq, "--flip"]))
-    with pytest.raises(SystemExit, match="flip"):
-        train_gpt.main(train_gpt.parse_args(base + ["--vqgan", vq_path]))
-    with pytest.raises(SystemExit, match="n_images"):
-        train_gpt.main(train_gpt.parse_args(base + ["--vqgan", vq_path, "--flip", "--n-images", "40"]))
+    with pytest.raises(data.UserError, match=f"^{d / 'data'} holds tokens made differently \\(vqgan_sha256: files "
+                                             f"have '{meta['vqgan_sha256']}', this run wants '[0-9a-f]{{64}}'\\) — "
+                                             f"pass another --data-dir, or delete that folder to encode again$"):
+        train_gpt.main(gpt_args(*base, "--vqgan", other_vq, "--flip"))
+    with pytest.raises(data.UserError, match="flip: files have True, this run wants False"):
+        train_gpt.main(gpt_args(*base, "--vqgan", vq_path))
+    with pytest.raises(data.UserError, match="n_images: files have 48, this run wants 40"):
+        train_gpt.main(gpt_args(*base, "--vqgan", vq_path, "--flip", "--n-images", 40))
 
 
 def gpt_train_args(d, out, *extra):
-    return train_gpt.parse_args(["--preset", "tiny", "--data-dir", str(d / "data"), "--out", str(out),
-                                 "--eval-interval", "0", "--sample-interval", "0", "--log-interval", "100",
-                                 "--threads", "1",
-                                 *map(str, extra)])
+    return gpt_args("--data-dir", d / "data", "--out", out, "--eval-interval", 0, "--log-interval", 1, *extra)
 
 
-def test_resume_reproduces_the_next_steps(prepared):
+def test_train_gpt_resume_is_exact(prepared):
     d = prepared[0]
-    common = ["--max-steps", 8, "--dropout", 0.1, "--emb-noise", 0.5, "--eval-iters", 1]
-    train_gpt.main(gpt_train_args(d, d / "straight", *common))
+    common = ["--max-steps", 8, "--dropout", 0.1, "--emb-noise", 0.5, "--eval-iters", 1, "--eval-interval", 3]
+    straight = train_gpt.main(gpt_train_args(d, d / "straight", *common))
     train_gpt.main(gpt_train_args(d, d / "split", *common, "--stop-after", 4))
     assert torch.load(d / "split" / "ckpt.pt", weights_only=True)["step"] == 4
-    train_gpt.main(gpt_train_args(d, d / "split", *common, "--resume"))
+    resumed = train_gpt.main(gpt_train_args(d, d / "split", *common, "--resume"))
+    assert resumed["log"] == straight["log"][4:] and resumed["evals"] == straight["evals"][-2:]  # steps 6 and 8
     a = torch.load(d / "straight" / "ckpt.pt", weights_only=True)
     b = torch.load(d / "split" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 8
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert not torch.equal(a["model"]["head.weight"], gpt.GPT(gpt.Config(**a["config"])).state_dict()["head.weight"])
+    assert sorted(a) == ["args", "config", "data_meta", "model", "optimizer", "rng", "scaler", "step"]
 
 
-def test_toy_run_validation_loss_falls(prepared):
+def test_train_gpt_toy_run_validation_loss_falls_and_exports(prepared):
     d = prepared[0]
     res = train_gpt.main(gpt_train_args(d, d / "toy", "--max-steps", 60, "--eval-interval", 30, "--eval-iters", 2,
-                                    "--val-frac", 0.2, "--lr", 1e-2))
-    (s0, first), (s1, last) = res["history"][0], res["history"][-1]
-    assert s0 == 0 and s1 == 60
-    assert first["val"] > 0.95 * math.log(64) and last["val"] < 0.8 * first["val"], res["history"]
-    model = gpt.GPT.from_checkpoint(d / "toy" / "ckpt.pt")
+                                        "--val-frac", 0.2, "--lr", 1e-2))
+    (s0, first), (s1, last) = res["evals"]
+    assert (s0, s1) == (30, 60) and last["val"] < min(first["val"], 0.8 * math.log(64)), res["evals"]
+    export = torch.load(d / "toy" / "gpt.pt", weights_only=True)  # what sample.py reads
+    assert sorted(export) == ["config", "data_meta", "model", "step"] and export["step"] == 60
+    assert export["data_meta"] == prepared[3] and export["model"]["head.weight"].dtype == torch.float16
+    model = gpt.GPT.from_checkpoint(d / "toy" / "gpt.pt")
     assert model.generate(torch.randn(2, 8), top_k=10).shape == (2, 64)
+    assert sorted(p.name for p in (d / "toy").glob("samples_*.png")) == ["samples_0000030.png", "samples_0000060.png"]
 
 
-def test_lambda_emb_gradients_reach_only_the_gpt(prepared):
+def test_train_gpt_lambda_emb_gradients_reach_only_the_gpt(prepared):
     d, vq_path, clip_path, _ = prepared
-    import argparse
-    vqgan, clip_model, clip_mod = train_gpt.load_frozen(argparse.Namespace(vqgan=vq_path, clip=clip_path), "cpu")
+    vqgan_model = train_gpt.load_frozen("vqgan", vq_path, "cpu")
+    clip_model = train_gpt.load_frozen("clip", clip_path, "cpu")
     model = gpt.GPT(gpt.make_config("tiny", vocab_size=64, block_size=64)).train()
     x, e = torch.randint(0, 64, (2, 64)), torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
     logits, _ = model(x[:, :-1], e, x)
-    loss = train_gpt.emb_reconstruction_loss(logits, e, vqgan, clip_model, clip_mod)
+    loss = train_gpt.emb_reconstruction_loss(logits, e, vqgan_model, clip_model)
     loss.backward()
     assert 0 <= loss.item() <= 2
     assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
     assert model.blocks[0].attn.c_attn.weight.grad.abs().sum() > 0
-    assert all(p.grad is None and not p.requires_grad for p in vqgan.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in vqgan_model.parameters())
     assert all(p.grad is None and not p.requires_grad for p in clip_model.parameters())
-    assert not vqgan.training and not clip_model.training
+    assert not vqgan_model.training and not clip_model.training
     # and the training loop runs with it
-    train_gpt.main(gpt_train_args(d, d / "lam", "--max-steps", 2, "--lambda-emb", 0.2, "--emb-rows", 1, "--eval-iters", 1))
+    res = train_gpt.main(gpt_train_args(d, d / "lam", "--max-steps", 2, "--lambda-emb", 0.2, "--emb-rows", 1,
+                                        "--eval-iters", 1))
+    assert [sorted(mean) for _, mean in res["log"]] == [["emb", "loss"]] * 2
 
 
-def test_two_process_ddp_on_cpu(prepared):
+def test_train_gpt_never_overwrites_a_run(prepared, capsys):
     d = prepared[0]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "train_gpt.py"), "--preset", "tiny", "--data-dir", str(d / "data"), "--out", str(d / "ddp"),
-           "--max-steps", "4", "--eval-interval", "2", "--eval-iters", "1", "--sample-interval", "0",
-           "--log-interval", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    ckpt = torch.load(d / "ddp" / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2  # both ranks' RNG states, for exact resume
-    assert "step 4 | loss" in r.stdout
+    check_run_protection(capsys, train_gpt, d / "protected", "--preset", "tiny", "--data-dir", d / "data",
+                         "--max-steps", 2, "--eval-iters", 1, "--threads", 1)
+
+
+def test_train_gpt_missing_inputs_are_one_line(prepared, tmp_path, capsys):
+    d, vq_path, clip_path, _ = prepared
+    assert trainer_error(capsys, train_gpt, "--preset", "tiny", "--out", tmp_path / "a") == (
+        f"train_gpt.py: error: no prepared token files in {tmp_path / 'a' / 'data'} — pass --vqgan CKPT (and --clip) "
+        f"to encode the dataset, or the --data-dir that holds them")
+    assert trainer_error(capsys, train_gpt, "--preset", "tiny", "--out", tmp_path / "b", "--vqgan", tmp_path / "no.pt",
+                     "--clip", clip_path) == (f"train_gpt.py: error: {tmp_path / 'no.pt'}: no such file — pass the "
+                                              f"vqgan checkpoint file")
+    assert trainer_error(capsys, train_gpt, "--preset", "tiny", "--out", tmp_path / "c", "--vqgan", clip_path) == (
+        f"train_gpt.py: error: {clip_path} is a CLIP model (a clipgen checkpoint), not a VQGAN checkpoint — pass it "
+        f"as --clip")
+    assert trainer_error(capsys, train_gpt, "--preset", "tiny", "--out", tmp_path / "d", "--vqgan", vq_path, "--clip",
+                     clip_path, "--data", tmp_path / "none") == (
+        f"train_gpt.py: error: --data {tmp_path / 'none'}: no such folder — pass 'shapes', 'imagenet' or a folder "
+        f"of images")
+    for flag, value, message in [("--emb-noise", "inf", "inf is out of range: it must be >= 0"),
+                                 ("--cond-drop", "1.5", "1.5 is out of range: it must be >= 0 and <= 1"),
+                                 ("--batch-size", "0", "0 is out of range: it must be >= 1"),
+                                 ("--seed", "99999999999999999999", "99999999999999999999 is too large: integers here "
+                                                                    "are at most 2**63 - 1"),
+                                 ("--max-steps", "1e3", "'1e3' is not an integer")]:
+        assert trainer_error(capsys, train_gpt, flag, value) == (
+            f"train_gpt.py: error: argument {flag}: {message} — see train_gpt.py --help")
 
 
 # =============================================================================

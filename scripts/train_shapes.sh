@@ -26,9 +26,9 @@ mkdir -p "$OUT" "$DEST"
 if [[ -n "${THREADS:-}" ]]; then export OMP_NUM_THREADS=$THREADS; fi  # torch reads it at start-up, in every stage
 # --quick: tiny step counts, only to prove that every stage runs and hands the next one what it needs
 if (( QUICK )); then
-  CLIP_QUICK=(--max-steps 4 --batch-size 32 --eval-n 96)
-  VQGAN_QUICK=(--max-steps 4 --eval-interval 2 --eval-images 16 --log-interval 1 --no-bar)
-  GPT_QUICK=(--n-images 256 --max-steps 6 --warmup 1 --eval-interval 3 --eval-iters 1 --log-interval 2 --sample-interval 3)
+  CLIP_QUICK=(--max-steps 4 --batch-size 32 --eval-images 96)
+  VQGAN_QUICK=(--max-steps 4 --eval-interval 2 --eval-images 16 --log-interval 1)
+  GPT_QUICK=(--n-images 256 --max-steps 6 --warmup 1 --eval-interval 3 --eval-iters 1 --log-interval 2)
   EVAL_QUICK=(--n 1)
 else
   CLIP_QUICK=(); VQGAN_QUICK=(); GPT_QUICK=(); EVAL_QUICK=()
@@ -42,31 +42,16 @@ stage() {  # stage NAME COMMAND...: run it, keep its output in $OUT/NAME.log, re
   echo "== $name: done in $((SECONDS - t0)) s (total $SECONDS s)"
 }
 
-# What ships: fp16 weights without optimizer / RNG state. train_clip.py --export and train_vqgan.py write such files
-# themselves, before the GPT's token files are made, so the GPT learns from exactly the shipped CLIP and VQGAN
-# (train_gpt.py records their sha256; sample.py checks it). The GPT checkpoint is slimmed here.
-half() {  # half SRC DST KEY...: keep {"model" (fp16), "config", "step"} and the listed extra keys
-  python - "$@" <<'PY'
-import sys, torch
-sys.path.insert(0, ".")
-import data
-src, dst, *keep = sys.argv[1:]
-ck = torch.load(src, map_location="cpu", weights_only=True)
-sd = {k: v.half() if v.is_floating_point() else v for k, v in ck["model"].items()}
-# fp16 keeps ~3 significant digits; report the worst relative change so a lossy cast would be seen
-err = max(((v.float() - ck["model"][k].float()).norm() / ck["model"][k].float().norm().clamp(min=1e-12)).item()
-          for k, v in sd.items() if v.is_floating_point())
-data.save_atomic({"model": sd, "config": ck["config"], "step": ck.get("step", 0), **{k: ck[k] for k in keep if k in ck}}, dst)
-print(f"{src} -> {dst}: fp16, worst relative weight change {err:.1e}")
-PY
-}
-
-stage clip python train_clip.py --preset shapes --out-dir "$OUT/clip" --export "$DEST/clip.pt" "${CLIP_QUICK[@]}"
-stage vqgan python train_vqgan.py --data shapes --preset shapes --out "$OUT/vqgan" "${VQGAN_QUICK[@]}"
-cp "$OUT/vqgan/vqgan.pt" "$DEST/vqgan.pt"  # train_vqgan.py's model-only fp16 file
+# Each trainer writes its fp16 model-only file (clip.pt, vqgan.pt, gpt.pt: what ships) beside its resumable ckpt.pt.
+# The CLIP and VQGAN files are copied to $DEST before the GPT's token files are made, so the GPT learns from exactly
+# the shipped CLIP and VQGAN (train_gpt.py records their sha256; sample.py checks it).
+stage clip python train_clip.py --preset shapes --out "$OUT/clip" "${CLIP_QUICK[@]}"
+cp "$OUT/clip/clip.pt" "$DEST/clip.pt"
+stage vqgan python train_vqgan.py --preset shapes --out "$OUT/vqgan" "${VQGAN_QUICK[@]}"
+cp "$OUT/vqgan/vqgan.pt" "$DEST/vqgan.pt"
 stage gpt python train_gpt.py --preset shapes --vqgan "$DEST/vqgan.pt" --clip "$DEST/clip.pt" --out "$OUT/gpt" \
   "${GPT_QUICK[@]}"
-half "$OUT/gpt/ckpt.pt" "$DEST/gpt.pt" data_meta
+cp "$OUT/gpt/gpt.pt" "$DEST/gpt.pt"
 ls -l "$DEST"
 du -ch "$DEST"/*.pt | tail -1
 MODELS=(--clip "$DEST/clip.pt" --vqgan "$DEST/vqgan.pt" --gpt "$DEST/gpt.pt")
