@@ -249,8 +249,7 @@ class CLIP(nn.Module):
     def encode_text(self, text):
         """text (B, L) token ids from tokenize() -> (B, embed_dim), not L2-normalised."""
         eot = text.argmax(dim=-1)  # end token 49407 is the largest id; the first one wins on ties
-        # attention is causal, so the feature at the end token never sees the padding after it: drop it
-        n = int(eot.max()) + 1
+        n = int(eot.max()) + 1  # attention is causal: the end token never sees the padding after it, so drop it
         if n > self.context_length:
             raise ValueError(f"text of {n} tokens is longer than the model's context of {self.context_length}")
         x = self.token_embedding(text[:, :n]).to(self.dtype) + self.positional_embedding[:n].to(self.dtype)
@@ -485,9 +484,10 @@ def main(argv=None):
         p.exit(2, f"clip.py: error: cannot read --image {args.image} ({e}) — pass an image file\n")
     try:
         model, pre = load(args.model, device=args.device)
-    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # torch's first line, never its advice
-        p.exit(2, f"clip.py: error: cannot load --model {args.model} ({str(e).splitlines()[0][:200]}) — pass one of "
-                  f"{available_models()} or a CLIP checkpoint file\n")
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:  # torch's (unsafe) advice never shown
+        why = "not plain tensors" if isinstance(e, pickle.UnpicklingError) else str(e).splitlines()[0].split(". ")[0]
+        p.exit(2, "clip.py: error: " + (why if " — " in why else f"cannot load --model {args.model} ({why}) — pass "
+                                        f"one of {available_models()} or a CLIP checkpoint file") + "\n")
     device = next(model.parameters()).device
     with torch.no_grad():
         logits, _ = model(pre(image).unsqueeze(0).to(device), tokenize(args.text).to(device))

@@ -273,7 +273,7 @@ def clean_state_dict(sd):
     return {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in sd.items()}
 
 
-# HFAiLab's released COCO GPT (gpt_coco.pt; reference/hfai_checkpoints.md): pre-LN nn.TransformerEncoderLayer
+# HFAiLab's released COCO GPT (gpt_coco.pt; docs/real_images.md): pre-LN nn.TransformerEncoderLayer
 # blocks (fused [q; k; v] in_proj, exact GELU, LayerNorm eps 1e-5), i.e. our Block under torch's names
 HFAI_KEYS = {"tok_emb.weight": "tok_emb.weight", "cond_proj.weight": "cond_proj.weight",
              "cond_proj.bias": "cond_proj.bias", "norm.weight": "ln_f.weight", "norm.bias": "ln_f.bias",

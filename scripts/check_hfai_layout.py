@@ -1,13 +1,14 @@
-"""Files in exactly the layout of HFAiLab's CLIP-GEN release (reference/hfai_checkpoints.md), built from torch's own
-modules with random weights, and a check that our loaders compute what those modules compute.
+"""Files in exactly the layout of HFAiLab's CLIP-GEN release (docs/real_images.md), built from torch's own modules
+with random weights, and a check that our loaders compute what those modules compute.
 
     python scripts/check_hfai_layout.py                 # real sizes: f16-16384 VQGAN, 24 x 1024 GPT (minutes, ~8 GB)
     python scripts/check_hfai_layout.py --keep DIR      # also keep clip_vit_b32.pt, vqgan_coco.pt, gpt_coco.pt in DIR
 
-Their modules are rebuilt here from the fact sheet (names, shapes, order of operations): ResnetBlock = Sequential(
-GroupNorm(32), SiLU, Conv3x3, GroupNorm(32), SiLU, Dropout, Conv3x3) + 1x1 shortcut, attention = GroupNorm +
-nn.MultiheadAttention(C, 1), quantizer = cdist argmin, GPT block = nn.TransformerEncoderLayer(norm_first=True,
-activation=F.gelu) with a bool causal-mask buffer. test_all.py uses the same builders at small sizes.
+Their modules are rebuilt here after HFAiLab/clip-gen@97420d3 models/{codec,quantizer,gpt}.py (names, shapes, order
+of operations): res block = Sequential(GroupNorm(32), SiLU, Conv3x3, GroupNorm(32), SiLU, Dropout, Conv3x3) + 1x1
+shortcut, attention = GroupNorm + nn.MultiheadAttention(C, 1), quantizer = cdist argmin, GPT block =
+nn.TransformerEncoderLayer(norm_first=True, activation=F.gelu) with a bool causal-mask buffer. test_all.py uses the
+same builders at small sizes.
 """
 import argparse
 import sys
@@ -30,7 +31,8 @@ class ResBlock(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
         self.block = nn.Sequential(nn.GroupNorm(32, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
-                                   nn.GroupNorm(32, cout), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(cout, cout, 3, padding=1))
+                                   nn.GroupNorm(32, cout), nn.SiLU(), nn.Dropout(0.0),
+                                   nn.Conv2d(cout, cout, 3, padding=1))
         self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
