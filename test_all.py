@@ -41,8 +41,6 @@ import train_vqgan  # noqa: E402
 import vqgan  # noqa: E402
 import vqgan as vq  # noqa: E402
 from scripts import check_hfai_layout as hfai  # noqa: E402  (HFAiLab's file layouts, rebuilt from torch modules)
-from scripts import check_hfai_layout as hfai  # noqa: E402  (HFAiLab's file layouts, rebuilt from torch modules)
-from scripts import check_hfai_layout as hfai  # noqa: E402  (HFAiLab's file layouts, rebuilt from torch modules)
 
 
 @pytest.fixture(scope="session", autouse=True)
