@@ -239,8 +239,7 @@ def train_shape_judge(path, n_train=3_000, steps=300, n_val=1_000, seed=0):
     ckpt = {"model": model.state_dict(), "config": judge_world() | {"n_train": n_train},
             "step": steps, "val_acc": ok[:n_val].mean().item(), "val_acc_degraded": ok[n_val:].mean().item()}
     data.save_atomic(ckpt, path)
-    print(f"trained the shape judge: {steps} steps, held-out accuracy {ckpt['val_acc']:.4f} clean, "
-          f"{ckpt['val_acc_degraded']:.4f} degraded -> {path}")
+    print(f"trained the shape judge: held-out {ckpt['val_acc']:.3f} clean, {ckpt['val_acc_degraded']:.3f} degraded")
     return model, ckpt
 
 
@@ -357,8 +356,9 @@ def cmd_coco(args, model):
     run = {"captions": captions} | {k: getattr(args, k) for k in GEN_FLAGS}  # what decides the images
     old = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else None
     if old != run and out.exists() and (old or out.is_file() or any(out.iterdir())):  # never mix two runs
-        what = "another run (other captions or generation flags in its run.json)" if old else "files but no run.json"
-        raise UserError(f"--out {out} holds {what} — choose another --out")
+        what = ("is a file" if out.is_file() else "holds another run (other captions or generation flags in its "
+                "run.json)" if old else "holds other files and no run.json")
+        raise UserError(f"--out {out} {what} — choose another --out")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(run))
     todo = [i for i in range(len(captions)) if not (out / "images" / f"{i:05d}.png").exists()]
@@ -398,7 +398,7 @@ def main(args):
 
 def get_parser():
     p = data.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     helps = {"stats": "write the FID statistics (.npz) of a reference folder", "fid": "FID(-k) of two folders / .npz",
              "is": "Inception Score of a folder", "shapes": "shapes-world colour and shape accuracy of a generator",
              "coco": "generate one image per caption, then FID-k, IS and CLIP score against reference statistics"}
