@@ -15,6 +15,7 @@ smaller batches and, for sampling, a narrower GPT: every such row says "(cpu-red
 
   python bench.py                        # every stage, on CUDA when there is one
   python bench.py gpt-sample --device cpu --json out/bench.json
+Figures measured with it, and their commands: docs/speed.md.
 """
 import ctypes
 import gc
@@ -229,7 +230,7 @@ def bench_gpt_sample(b):
                     with b.amp():
                         samples[use_cache, B] = model.generate(cond, generator=gen, use_cache=use_cache)
                 # CPU: the cached runs warm the allocator; a no-cache run is slow there: 2 reps, no warm-up. CUDA: each new
-                # sequence length picks its kernels on first use (H200: first no-cache run 13.1 s, the next 2.0 s): warm up
+                # sequence length picks its kernels on first use (13 s, then 2 s: docs/speed.md): warm up
                 times = b.time(run, warmup=None if use_cache else int(b.cuda),
                                reps=None if use_cache else min(2, b.sz["reps"]))
                 rates[use_cache, B] = statistics.median(B * T / t for t in times)
