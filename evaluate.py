@@ -3,11 +3,10 @@
 Each number follows one trusted tool exactly (docs/results.md holds the cross-checks):
 - FID: pytorch-fid 0.3.0 (inception.py; x/255, bilinear resize to 299, 2x - 1; float64 mu and sigma with ddof 1;
   scipy's sqrtm with its eps retry and imaginary-part check; its .npz files). FID-k (DALL-E, CogView): both sets
-  blurred by PIL's GaussianBlur(radius=k) before the resize.
+  blurred by PIL's GaussianBlur(radius=k) before the resize. Files go through data.open_image, not convert("RGB").
 - IS: torch-fidelity 0.4.0 (uint8, TF1 bilinear resize, (x - 128)/128, bias-free logits, RandomState(2020), 10 splits).
 - CLIP score: 100 * max(cos(image, caption), 0) per pair, averaged, for any CLIP that clip.load loads.
 - Shapes world: colour by an exact palette analysis, shape by a small CNN trained here on data.py's images.
-Files are read by data.open_image (unlike pytorch-fid's convert("RGB"): EXIF rotation, 16-bit, transparency).
 """
 import hashlib
 import json
@@ -355,9 +354,10 @@ def cmd_coco(args, model):
     captions, out = read_captions(args.captions, args.count, args.seed), Path(args.out)
     run = {"captions": captions} | {k: getattr(args, k) for k in GEN_FLAGS}  # what decides the images
     old = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else None
-    if old != run and out.exists() and (old or out.is_file() or any(out.iterdir())):  # never mix two runs
-        what = ("is a file" if out.is_file() else "holds another run (other captions or generation flags in its "
-                "run.json)" if old else "holds other files and no run.json")
+    # never mix two runs; a run.json without images (its generator failed to load) is simply replaced
+    if out.is_file() or old != run and any((out / "images").glob("*.png")) or not old and any(out.glob("*")):
+        what = ("is a file" if out.is_file() else "holds another run (its images were made from other captions or "
+                "generation flags: run.json)" if old else "holds other files and no run.json")
         raise UserError(f"--out {out} {what} — choose another --out")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(run))

@@ -1691,6 +1691,8 @@ def test_evaluate_coco_command_end_to_end_and_resumes(weights, tmp_path, capsys)
     (tmp_path / "caps.txt").write_text("a red circle\na blue square\n\na green star\n")
     argv = ["coco", "--captions", tmp_path / "caps.txt", "--ref-stats", tmp_path / "ref.npz", "--out", tmp_path / "o",
             "--splits", "1", "--score-clip", sample.SHIPPED["clip"], "--json"] + common
+    (tmp_path / "junk.pt").write_bytes(b"junk")  # a generator that fails to load leaves --out usable for the next try
+    assert "junk.pt is not a PyTorch checkpoint" in cli_error(evaluate, argv + ["--gpt", tmp_path / "junk.pt"], capsys)
     first = evaluate.main(evaluate.get_parser().parse_args([str(a) for a in argv]))
     assert sorted(first) == ["clip_score", "fid0", "fid1", "is", "is_std", "n"] and first["n"] == 3
     assert first["fid0"] > 0 and first["fid1"] > 0 and first["is"] >= 1 and 0 < first["clip_score"] <= 100
@@ -1700,7 +1702,7 @@ def test_evaluate_coco_command_end_to_end_and_resumes(weights, tmp_path, capsys)
     stamps = [p.stat().st_mtime_ns for p in pngs]
     again = evaluate.main(evaluate.get_parser().parse_args([str(a) for a in argv]))  # resumes: nothing to generate
     assert again == first and [p.stat().st_mtime_ns for p in pngs] == stamps
-    assert "holds another run (other captions or generation flags in its run.json)" in cli_error(evaluate, argv + ["--seed", "1"], capsys)
+    assert "holds another run (its images were made from other captions or generation flags" in cli_error(evaluate, argv + ["--seed", "1"], capsys)
 
 
 @pytest.mark.parametrize("argv, message", [
