@@ -406,10 +406,10 @@ def get_parser():
     count = data.num(int, lo=1)
     for name, q in cmds.items():
         q.add_argument("--json", action="store_true", help="print one JSON line instead of one line per metric")
-        q.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if there is one)")
+        q.add_argument("--device", help="cpu, cuda, cuda:N or mps; None: cuda if there is one")
         if name != "shapes":
-            q.add_argument("--inception", help=f"pytorch-fid's weight file (default: in {data.CACHE} or torch.hub's "
-                                               f"cache, else downloaded there)")
+            q.add_argument("--inception", help=f"pytorch-fid's weight file; None: the copy in {data.CACHE} or "
+                                               f"torch.hub's cache, else a download")
             q.add_argument("--batch-size", type=count, default=50, help="images per Inception batch")
         if name in ("stats", "fid", "coco"):
             q.add_argument("--blur", type=data.num(int, 0, 64), nargs="+", default=[0, 1, 2] if name == "coco" else [0],
@@ -421,7 +421,7 @@ def get_parser():
             q.add_argument("--weights", choices=["shapes", "hfai-coco"], default="shapes", help="as for sample.py")
             for kind in ("clip", "vqgan", "gpt"):
                 q.add_argument(f"--{kind}", help=f"{kind} file instead of --weights' (as for sample.py)")
-            q.add_argument("--candidates", type=count, default=1, help="samples per image, the best by CLIP kept")
+            q.add_argument("--candidates", type=count, default=1, help="samples per prompt; the best by CLIP score kept")
             q.add_argument("--top-k", type=count, help="sample among the k likeliest tokens")
             q.add_argument("--top-p", type=data.num(float, 0, 1, lo_open=True), help="nucleus sampling mass")
             q.add_argument("--temperature", type=data.num(float, 0, lo_open=True), default=1.0)
@@ -434,8 +434,8 @@ def get_parser():
     cmds["fid"].add_argument("b", help="folder or .npz")
     cmds["is"].add_argument("folder")
     cmds["shapes"].add_argument("--n", type=count, default=8, help="images per colour-shape prompt (48 prompts)")
-    cmds["shapes"].add_argument("--judge", help=f"the shape judge (default: {data.CACHE}/shape_judge.pt, trained there "
-                                                f"on first use, under a minute)")
+    cmds["shapes"].add_argument("--judge", help=f"the shape judge; None: {data.CACHE}/shape_judge.pt, trained there "
+                                                f"on first use (under a minute)")
     q = cmds["coco"]
     q.add_argument("--captions", required=True, help="a .txt (one caption per line) or COCO's captions_*.json")
     q.add_argument("--ref-stats", required=True, help="reference .npz (evaluate.py stats --blur 0 1 2) or folder")
