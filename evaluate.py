@@ -421,7 +421,7 @@ def get_parser():
             q.add_argument("--weights", choices=["shapes", "hfai-coco"], default="shapes", help="as for sample.py")
             for kind in ("clip", "vqgan", "gpt"):
                 q.add_argument(f"--{kind}", help=f"{kind} file instead of --weights' (as for sample.py)")
-            q.add_argument("--candidates", type=count, default=1, help="samples per prompt; the best by CLIP score kept")
+            q.add_argument("--candidates", type=count, default=1, help="samples per prompt, the best by CLIP kept")
             q.add_argument("--top-k", type=count, help="sample among the k likeliest tokens")
             q.add_argument("--top-p", type=data.num(float, 0, 1, lo_open=True), help="nucleus sampling mass")
             q.add_argument("--temperature", type=data.num(float, 0, lo_open=True), default=1.0)
