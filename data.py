@@ -564,6 +564,8 @@ def start_run(out, resume, overwrite=False, outputs=(), kind=None):
     grids), so two runs never mix; every start deletes the temp files of a checkpoint write that was killed.
     """
     out, ckpt = Path(out), Path(out) / "ckpt.pt"
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out, --overwrite deletes it — pass one of them")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file — pass a folder (it is created if needed)")
     if is_master() and (n := remove_stale_temps(out)):
@@ -575,10 +577,10 @@ def start_run(out, resume, overwrite=False, outputs=(), kind=None):
         return read_checkpoint(ckpt, kind)
     if ckpt.is_file() and not overwrite:
         try:
-            step = read_checkpoint(ckpt, kind).get("step", "?")
-        except UserError:  # unreadable: still a run, of unknown length
-            step = "?"
-        raise UserError(f"found a run at step {step} in {out} — pass --resume to continue it or choose another --out "
+            at = f"at step {read_checkpoint(ckpt, kind)['step']}"
+        except (UserError, KeyError):  # unreadable: still a run
+            at = "(its ckpt.pt is unreadable)"
+        raise UserError(f"found a run {at} in {out} — pass --resume to continue it or choose another --out "
                         f"(--overwrite deletes it)")
     old = sorted({p for pattern in ("ckpt.pt", *outputs) for p in out.glob(pattern)}) if out.is_dir() else []
     if is_master() and old:
@@ -610,6 +612,13 @@ def save_checkpoint(out, model, step, export, export_extra=None, **state):
         save_atomic({"model": sd, "config": config, "step": step, "rng": rngs, **state}, Path(out) / "ckpt.pt")
         save_atomic({"model": half_state_dict(sd), "config": config, "step": step, **(export_extra or {})},
                     Path(out) / export)
+
+
+def diverged(step, out):
+    """The UserError of a trainer whose loss became inf or nan."""
+    last = Path(out) / "ckpt.pt"
+    return UserError(f"non-finite loss at step {step} — lower --lr; " + (
+        f"the last checkpoint, {last}, is intact: --resume continues it" if last.exists() else "no checkpoint written"))
 
 
 def restore_rng(states):

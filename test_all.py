@@ -561,6 +561,8 @@ def check_run_protection(capsys, module, out, *argv):
     assert trainer_error(capsys, module, *argv, "--out", out.parent / "none", "--resume") == (
         f"{prog}: error: --resume: there is no {out.parent / 'none' / 'ckpt.pt'} — drop --resume to start a new run, "
         f"or pass the --out of the run to continue")
+    assert trainer_error(capsys, module, *argv, "--out", out, "--resume", "--overwrite") == (
+        f"{prog}: error: --resume continues the run in --out, --overwrite deletes it — pass one of them")
     (out / ".ckpt.pt.4242.tmp").write_bytes(b"half a checkpoint")
     run_trainer(module, *argv, "--out", out, "--resume", "--max-steps", step + 2)
     assert not list(out.glob(".*")) and torch.load(out / "ckpt.pt", weights_only=True)["step"] == step + 2
@@ -949,6 +951,10 @@ def test_train_vqgan_lpips_file_with_a_missing_tensor_names_it(tmp_path):
         train_vqgan.LPIPS().load(tmp_path)
     assert str(e.value) == (f"{tmp_path / 'vgg.pth'} does not fit the LPIPS it describes: 1 missing "
                             f"(lin3.model.1.weight) — is it complete?")
+    with pytest.raises(data.UserError) as e:
+        train_vqgan.LPIPS().load(tmp_path / "nowhere")
+    assert str(e.value) == (f"--lpips {tmp_path / 'nowhere'}: no such file or folder — pass a taming .ckpt, or a "
+                            f"folder holding vgg16-397923af.pth and vgg.pth")
     vgg = torch.load(tmp_path / "vgg16-397923af.pth", weights_only=True)
     vgg["features.99.weight"] = vgg.pop("features.28.bias")[None]
     torch.save(vgg, tmp_path / "vgg16-397923af.pth")
@@ -1186,6 +1192,22 @@ def test_train_gpt_never_overwrites_a_run(prepared, capsys):
     d = prepared[0]
     check_run_protection(capsys, train_gpt, d / "protected", "--preset", "tiny", "--data-dir", d / "data",
                          "--max-steps", 2, "--eval-iters", 1, "--threads", 1)
+    # a resumed run must read the token files it was trained on
+    (d / "other").mkdir()
+    for name in ("tokens.npy", "clip_emb.npy"):
+        (d / "other" / name).write_bytes((d / "data" / name).read_bytes())
+    meta = json.loads((d / "data" / "meta.json").read_text())
+    (d / "other" / "meta.json").write_text(json.dumps({**meta, "clip_sha256": "0" * 64}))
+    assert trainer_error(capsys, train_gpt, "--preset", "tiny", "--data-dir", d / "other", "--out", d / "protected",
+                         "--resume") == (f"train_gpt.py: error: {d / 'protected' / 'ckpt.pt'} was trained on other "
+                                         f"token files than {d / 'other'} — pass the --data-dir of that run")
+
+
+def test_train_gpt_divergence_is_one_line(prepared, capsys):
+    d = prepared[0]
+    assert trainer_error(capsys, train_gpt, "--preset", "tiny", "--data-dir", d / "data", "--out", d / "nan",
+                         "--lr", 1e30, "--threads", 1) == (
+        "train_gpt.py: error: non-finite loss at step 1 — lower --lr; no checkpoint written")
 
 
 def test_train_gpt_missing_inputs_are_one_line(prepared, tmp_path, capsys):

@@ -184,8 +184,7 @@ def main(args):
             loss = contrastive_loss(model, images.to(device), tokens.to(device), ids.to(device),
                                     config.image_resolution)
         if not torch.isfinite(loss):
-            raise data.UserError(f"non-finite loss at step {step} — lower --lr; the last checkpoint in {out} is "
-                                 f"intact (--resume continues it)")
+            raise data.diverged(step, out)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -55,7 +55,6 @@ def get_parser():
     # data: prepare, then the token files
     p.add_argument("--data", default="shapes", help="'shapes', 'imagenet' ($IMAGENET_DIR) or a folder of images")
     p.add_argument("--n-images", type=data.num(int, 1), help="encode the first N images only")
-    p.add_argument("--workers", type=data.num(int, 0), help="data loader processes for prepare (default: data.py's)")
     p.add_argument("--vqgan", help="VQGAN checkpoint (ours or taming's); given: prepare, or check, the token files")
     p.add_argument("--clip", default="ViT-B/32", help="CLIP model name or checkpoint file, for prepare")
     p.add_argument("--flip", action="store_true", help="also encode horizontally flipped copies")
@@ -142,8 +141,8 @@ def prepare(args, data_dir, device):
     emb = np.lib.format.open_memmap(data_dir / "clip_emb.tmp.npy", "w+", np.float16, (rows_max, D))
     n, skipped = 0, 0
     with torch.no_grad():
-        for batch in data.progress(data.make_loader(ds, PREPARE_BATCH, train=False, workers=args.workers),
-                                   desc=f"encoding {args.data}", unit="batch"):
+        for batch in data.progress(data.make_loader(ds, PREPARE_BATCH, train=False), desc=f"encoding {args.data}",
+                                   unit="batch"):
             skipped += batch["skipped"]
             if "image" not in batch:
                 continue
@@ -285,6 +284,9 @@ def main(args):
         return {"meta": meta}
     tokens, embs = (np.load(data_dir / f"{name}.npy", mmap_mode="r") for name in ("tokens", "clip_emb"))
     rows = split_rows(meta, args.val_frac)
+    if ckpt and any(ckpt["data_meta"].get(k) != v for k, v in meta.items() if k != "vqgan"):  # "vqgan": where it was
+        raise data.UserError(f"{out / 'ckpt.pt'} was trained on other token files than {data_dir} — pass the "
+                             f"--data-dir of that run")
 
     # frozen models: the VQGAN for sample grids, CLIP too for --lambda-emb (their construction leaves the RNGs alone)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -317,18 +319,17 @@ def main(args):
         model = torch.compile(model)
     if world > 1:
         model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-
     if master:
-        print(f"GPT: {raw_model.num_params() / 1e6:.2f}M params, vocab {config.vocab_size}, "
-              f"{config.block_size} tokens, cond {config.cond_dim}-d | {len(rows['train'])} train / {len(rows['val'])} "
-              f"val rows, batch {args.batch_size}x{args.grad_accum}x{world} | {device}"
-              + ("" if vq else f" | no sample grids: the VQGAN {meta['vqgan']} is missing"))
+        c, grids = config, "" if vq else f" | no sample grids: no {meta['vqgan']}"
+        print(f"GPT: {raw_model.num_params() / 1e6:.2f}M params, vocab {c.vocab_size}, {c.block_size} tokens, cond "
+              f"{c.cond_dim}-d | {len(rows['train'])} train / {len(rows['val'])} val rows, batch {args.batch_size}"
+              f"x{args.grad_accum}x{world} | {device}{grids}")
 
     # training loop
     stop = min(args.max_steps, step + args.stop_after) if args.stop_after else args.max_steps
     bar = data.progress(total=stop, initial=step, disable=not master, leave=False)
     fpt, log, evals = raw_model.flops_per_token(), [], []
-    sums, t0, t_step = {}, time.time(), step
+    sums, t0, t_step = {"loss": 0.0}, time.time(), step  # "loss" first in the log line, before any "emb"
     while step < stop:
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
@@ -352,8 +353,7 @@ def main(args):
             scaler.scale(loss / args.grad_accum).backward()
             loss_sum += loss.detach() / args.grad_accum
         if not torch.isfinite(loss_sum):
-            raise data.UserError(f"non-finite loss at step {step} — lower --lr; the last checkpoint in {out} is "
-                                 f"intact (--resume continues it)")
+            raise data.diverged(step, out)
         if args.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -362,7 +362,7 @@ def main(args):
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update()
-        sums["loss"] = sums.get("loss", 0.0) + loss_sum.item()
+        sums["loss"] += loss_sum.item()
 
         # log: means over the interval (this rank's)
         if step % args.log_interval == 0 or step == stop:
@@ -375,7 +375,7 @@ def main(args):
                 bar.write(" | ".join([f"step {step}", *(f"{k} {v:.4f}" for k, v in mean.items()), f"lr {lr:.2e}",
                                       f"{dt / n * 1000:.0f} ms", f"{tok_s / 1e3:.1f}k tok/s",
                                       "mfu " + ("n/a" if mfu is None else f"{100 * mfu:.1f}%")]))
-            sums, t0, t_step = {}, time.time(), step
+            sums, t0, t_step = {"loss": 0.0}, time.time(), step
 
         # evaluate, sample grid and checkpoint, all of the same step
         if args.eval_interval and step % args.eval_interval == 0 or step == stop:

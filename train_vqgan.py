@@ -106,6 +106,9 @@ class LPIPS(nn.Module):
         """Weights from a taming .ckpt, or a folder holding torchvision's VGG16 file and LPIPS' vgg.pth; loaded
         strictly, so a file with a missing or extra tensor is refused in one line that names the keys."""
         source = Path(source)
+        if not source.exists():
+            raise data.UserError(f"--lpips {source}: no such file or folder — pass a taming .ckpt, or a folder holding "
+                                 f"{Path(VGG_URL).name} and vgg.pth")
         if source.is_file():
             sd = data.read_checkpoint(source, "LPIPS")
             sd = sd.get("state_dict", {}) if isinstance(sd, dict) else {}
@@ -307,8 +310,7 @@ def main(args):
                 g_loss = d_weight = torch.zeros((), device=device)
             loss = nll + d_weight * g_loss + qloss
             if not torch.isfinite(loss):
-                raise data.UserError(f"non-finite loss at step {step} — lower --lr; the last checkpoint in {out} is "
-                                     f"intact (--resume continues it)")
+                raise data.diverged(step, out)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
