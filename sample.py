@@ -186,7 +186,7 @@ def get_parser():
     p.add_argument("--candidates", type=num(int, 1), help="images sampled per prompt, re-ranked by CLIP; unset: 64")
     p.add_argument("--temperature", type=num(float, 0, lo_open=True), default=1.0, help="softmax temperature")
     p.add_argument("--top-k", type=num(int, 1), help="keep the k likeliest tokens; unset: all, 500 for HFAiLab's GPT")
-    p.add_argument("--top-p", type=num(float, 0, 1, lo_open=True), help="nucleus mass; unset: 1, 0.95 for HFAiLab's GPT")
+    p.add_argument("--top-p", type=num(float, 0, 1, lo_open=True), help="nucleus mass; unset: 1, HFAiLab's GPT 0.95")
     p.add_argument("--cfg", type=num(float, 0, 100), default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=num(int, 0), default=0, help="the same seed and batch size give the same images")
     p.add_argument("--batch-size", type=num(int, 1), default=16, help="candidates sampled at once")
