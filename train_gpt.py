@@ -257,12 +257,11 @@ def save_samples(model, vq, tokens, embs, rows, amp, device, path, n=8):
 
 
 def main(args):
-    # setup: device and DDP from torchrun's environment, threads, a seed per rank
+    # setup: device and DDP from torchrun's environment, threads (the seed comes with the model)
     rank, local_rank, world, device = data.setup_distributed(args.device)
     master = rank == 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed + rank)
     out = Path(args.out)
     ckpt = None if args.prepare_only else data.start_run(out, args.resume, args.overwrite, OUTPUTS, "gpt")
     amp, scaler = data.mixed_precision(device)
@@ -288,15 +287,16 @@ def main(args):
         raise data.UserError(f"{out / 'ckpt.pt'} was trained on other token files than {data_dir} — pass the "
                              f"--data-dir of that run")
 
-    # frozen models: the VQGAN for sample grids, CLIP too for --lambda-emb (their construction leaves the RNGs alone)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        vq = load_frozen("vqgan", meta["vqgan"], device) if Path(meta["vqgan"]).is_file() else None
-        clip_model = load_frozen("clip", meta["clip"], device) if args.lambda_emb > 0 else None
+    # frozen models: the VQGAN for sample grids, CLIP too for --lambda-emb
+    vq = load_frozen("vqgan", meta["vqgan"], device) if Path(meta["vqgan"]).is_file() else None
+    clip_model = load_frozen("clip", meta["clip"], device) if args.lambda_emb > 0 else None
     if vq is None and args.lambda_emb > 0:
         raise data.UserError(f"--lambda-emb needs the VQGAN that made the tokens, {meta['vqgan']}, which is missing "
                              f"— put it back there, or train without --lambda-emb")
 
-    # model: the run to continue, or a gpt.py preset sized by the token files
+    # model: the run to continue, or a gpt.py preset sized by the token files. Seeded here, a seed per rank: building
+    # the frozen models (and prepare) draws random numbers, which must not change the GPT's initial weights
+    torch.manual_seed(args.seed + rank)
     if ckpt:
         config = gpt.Config(**ckpt["config"])
     else:
