@@ -123,12 +123,11 @@ def zero_shot(model, images, items, batch_size=250):
 
 
 def main(args):
-    # setup: device and DDP from torchrun's environment, threads, a seed per rank
+    # setup: device and DDP from torchrun's environment, threads
     rank, local_rank, world, device = data.setup_distributed(args.device)
     master = rank == 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed + rank)
     out = Path(args.out)
     ckpt = data.start_run(out, args.resume, args.overwrite, OUTPUTS, "clip")
     amp, scaler = data.mixed_precision(device)
@@ -140,6 +139,7 @@ def main(args):
     val_images = torch.stack([it["image"] for it in val_items])
 
     # model: the run to continue, or a size from MODELS
+    torch.manual_seed(args.seed + rank)  # a seed per rank, right before the weights are drawn
     config = clip.Config(**(ckpt["config"] if ckpt else MODELS[args.model]))
     model = clip.CLIP(config).to(device)
     # weight decay on matrices and convs only; not on norms, biases, embeddings or the temperature

@@ -257,7 +257,7 @@ def save_samples(model, vq, tokens, embs, rows, amp, device, path, n=8):
 
 
 def main(args):
-    # setup: device and DDP from torchrun's environment, threads (the seed comes with the model)
+    # setup: device and DDP from torchrun's environment, threads
     rank, local_rank, world, device = data.setup_distributed(args.device)
     master = rank == 0
     if args.threads:
@@ -294,9 +294,8 @@ def main(args):
         raise data.UserError(f"--lambda-emb needs the VQGAN that made the tokens, {meta['vqgan']}, which is missing "
                              f"— put it back there, or train without --lambda-emb")
 
-    # model: the run to continue, or a gpt.py preset sized by the token files. Seeded here, a seed per rank: building
-    # the frozen models (and prepare) draws random numbers, which must not change the GPT's initial weights
-    torch.manual_seed(args.seed + rank)
+    # model: the run to continue, or a gpt.py preset sized by the token files
+    torch.manual_seed(args.seed + rank)  # a seed per rank, right before the weights are drawn (prepare draws too)
     if ckpt:
         config = gpt.Config(**ckpt["config"])
     else:

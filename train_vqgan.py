@@ -218,17 +218,17 @@ def save_grid(x, xrec, path):
 
 
 def main(args):
-    # setup: device and DDP from torchrun's environment, threads, a seed per rank
+    # setup: device and DDP from torchrun's environment, threads
     rank, local_rank, world, device = data.setup_distributed(args.device)
     master = rank == 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed + rank)
     out = Path(args.out)
     ckpt = data.start_run(out, args.resume, args.overwrite, OUTPUTS, "vqgan")
     amp, scaler = data.mixed_precision(device)
 
     # model: the run to continue, the weights to fine-tune, or a vqgan.py preset
+    torch.manual_seed(args.seed + rank)  # a seed per rank, right before the weights are drawn
     if ckpt:
         model = vqgan.VQGAN(vqgan.Config(**ckpt["config"]))
     elif args.init:
