@@ -3,9 +3,8 @@
     python sample.py "a red circle on a blue background"       # the shipped shapes-world checkpoints
     python sample.py "oil painting of a dog" --weights hfai-coco  # HFAiLab's COCO release (downloaded on first use)
 
-main(): CLIP's text tower embeds the prompt (1, D) -> generate(): the GPT samples `candidates` token grids (C, h*w)
-on it (training showed it CLIP *image* embeddings), the VQGAN decoder paints them (C, 3, H, W), CLIP scores each
-against the prompt -> main() writes the best `n` as PNGs and one labelled grid.
+main(): CLIP embeds the prompt (1, D) -> generate(): the GPT samples `candidates` token grids (C, h*w) on it, the
+VQGAN decodes them (C, 3, H, W), CLIP scores each against the prompt -> main(): the best `n` as PNGs and one grid.
 """
 import itertools
 import json
@@ -35,11 +34,13 @@ Models = namedtuple("Models", "clip preprocess vqgan gpt meta")  # meta: the GPT
 
 def fetch_release(folder=None):
     """HFAiLab's three files in the cache, downloaded on first use; SHA256 recorded then and checked on every run."""
-    record = (folder := Path(folder or data.CACHE / "hfai-coco")) / "sha256.json"
-    sums = json.loads(record.read_text()) if record.is_file() else {}
-    for name in HFAI_FILES.values():  # offline, data.download says where to put each file by hand
-        url = f"{os.environ.get('CLIPGEN_HFAI_URL', HFAI_URL)}/{name}"
-        path = folder / name if (folder / name).is_file() else data.download(url, folder / name)
+    folder, base = Path(folder or data.CACHE / "hfai-coco"), os.environ.get("CLIPGEN_HFAI_URL", HFAI_URL)
+    sums = json.loads(record.read_text()) if (record := folder / "sha256.json").is_file() else {}
+    for name in HFAI_FILES.values():
+        try:
+            path = folder / name if (folder / name).is_file() else data.download(f"{base}/{name}", folder / name)
+        except data.UserError as e:  # offline: say where all three files go
+            raise data.UserError(f"{e}, beside {' and '.join(n for n in HFAI_FILES.values() if n != name)}") from None
         if sums.setdefault(name, digest := data.file_sha256(path)) != digest:
             raise data.UserError(f"{path} changed since it was first fetched (SHA256 {digest[:12]}..., recorded "
                                  f"{sums[name][:12]}... in {record}) — delete it to download it again")
@@ -78,9 +79,8 @@ def load_models(clip=SHIPPED["clip"], vqgan=SHIPPED["vqgan"], gpt=SHIPPED["gpt"]
 @torch.no_grad()
 def text_embeddings(models, prompts):
     """N prompts -> (N, D) L2-normalised CLIP text embeddings; over-long prompts are truncated with a warning."""
-    for p in prompts:  # + start and end tokens
-        if (n := len(clip_lib.get_tokenizer().encode(p)) + 2) > models.clip.context_length:
-            warnings.warn(f"prompt {p[:40]!r}... is {n} tokens, over CLIP's {models.clip.context_length}: truncated")
+    for p in (p for p in prompts if len(clip_lib.get_tokenizer().encode(p)) + 2 > models.clip.context_length):
+        warnings.warn(f"prompt {p[:40]!r}... is over CLIP's {models.clip.context_length} tokens: truncated")
     tokens = clip_lib.tokenize(prompts, models.clip.context_length, truncate=True)
     return F.normalize(models.clip.encode_text(tokens.to(models.clip.text_projection.device)).float(), dim=-1)
 
