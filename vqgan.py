@@ -50,7 +50,7 @@ PRESETS = {
     "f16-1024": dict(n_embed=1024),
     # shapes world, 32 px -> f4 -> 8x8 = 64 tokens, small enough for a CPU; no GroupNorm, because per-image
     # normalisation erases the absolute colour of flat images; l2-normalised 16-d codes with restarts against dead
-    # codes. The runs that chose these settings: docs/results.md, "The shipped shapes-world checkpoints"
+    # codes. The runs that chose these settings: docs/results.md, "The shapes world's VQGAN"
     "shapes": dict(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), norm_groups=0,
                    z_channels=64, n_embed=512, embed_dim=16, legacy=False, l2_norm=True, restart_every=10),
     # the smallest thing that exercises every code path (attention at 8 px included), for tests
