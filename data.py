@@ -243,6 +243,15 @@ class UserError(Exception):
     """Something the user can fix. The message reads '<what is wrong> — <what to do>'; scripts print it as one line."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except where there is none to show or the help text already says it."""
+
+    def _get_help_string(self, action):
+        if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with defaults in --help and one-line errors: 'prog: error: argument --cfg: ... — see prog --help'.
 
@@ -251,7 +260,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """
 
     def __init__(self, *args, presets=None, **kwargs):
-        super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
         self.presets, self.base_defaults = presets or {}, None
 
     def parse_known_args(self, args=None, namespace=None):

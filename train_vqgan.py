@@ -67,7 +67,8 @@ def get_parser():
     p.add_argument("--lpips", help="LPIPS weights: a taming .ckpt (loss.perceptual_loss.*) or a folder holding "
                    f"{Path(VGG_URL).name} and vgg.pth (default: downloaded to {data.CACHE})")
     p.add_argument("--disc-start", type=data.num(int, 0), default=0, help="first step of the GAN loss and D training")
-    p.add_argument("--disc-weight", type=data.num(float, 0), default=0.75)
+    p.add_argument("--disc-weight", type=data.num(float, 0), default=0.75, help="GAN loss weight, times taming's "
+                   "adaptive weight")
     p.add_argument("--disc-layers", type=data.num(int, 1, 8), default=2, help="PatchGAN depth")
     # logging
     p.add_argument("--log-interval", type=data.num(int, 1), default=50, help="steps per log line")
