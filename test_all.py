@@ -843,7 +843,7 @@ def test_train_vqgan_corrupt_images_skipped_and_counted(tmp_path, capsys):
     assert "rank 0: epoch 0: skipped 2 unreadable images" in capsys.readouterr().out
 
 
-def test_train_vqgan_missing_data_is_one_line(tmp_path, capsys, monkeypatch):
+def test_train_vqgan_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("IMAGENET_DIR", str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     base = ["--preset", "tiny", "--out", tmp_path / "out"]
@@ -859,6 +859,11 @@ def test_train_vqgan_missing_data_is_one_line(tmp_path, capsys, monkeypatch):
         "train_vqgan.py: error: argument --lr: -1 is out of range: it must be > 0 — see train_vqgan.py --help")
     assert trainer_error(capsys, train_vqgan, *base, "--device", "tpu") == (
         "train_vqgan.py: error: --device tpu: unknown device — use cpu, cuda, cuda:N or mps")
+    assert trainer_error(capsys, train_vqgan, *base, "--lpips", tmp_path) == (
+        "train_vqgan.py: error: --lpips is unused with --perceptual-weight 0 (the shapes preset's) — pass "
+        "--perceptual-weight 1 too, or --preset imagenet")
+    assert trainer_error(capsys, train_vqgan, *base, "--init", tmp_path / "x.pt", "--resume") == (
+        "train_vqgan.py: error: --init starts a new run from weights, --resume continues one — pass one of them")
 
 
 def test_train_vqgan_never_overwrites_a_run(tmp_path, capsys):

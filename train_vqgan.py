@@ -225,6 +225,11 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    if args.lpips and not args.perceptual_weight:
+        raise data.UserError("--lpips is unused with --perceptual-weight 0 (the shapes preset's) — pass "
+                             "--perceptual-weight 1 too, or --preset imagenet")
+    if args.init and args.resume:
+        raise data.UserError("--init starts a new run from weights, --resume continues one — pass one of them")
     ckpt = data.start_run(out, args.resume, args.overwrite, OUTPUTS, "vqgan")
     amp, scaler = data.mixed_precision(device)
 
