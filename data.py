@@ -281,9 +281,8 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_run_flags(parser, name, default_preset="shapes"):
+def add_run_flags(p, name, default_preset="shapes"):
     """The flags every trainer shares, same names and meaning: the preset, where the run lives, how it runs."""
-    p = parser
     p.add_argument("--preset", default=default_preset, choices=sorted(p.presets), help="named run (the PRESETS "
                    "dict); it sets the defaults shown here, and a flag given explicitly wins")
     p.add_argument("--out", default=f"out/{name}", help="the run's folder: ckpt.pt (resumable), the fp16 export, grids")

@@ -172,7 +172,7 @@ def main(args):
     stop = min(args.max_steps, step + args.stop_after) if args.stop_after else args.max_steps
     bar = data.progress(total=stop, initial=step, disable=not master, leave=False)
     caption_ids, log, evals = {}, [], []
-    sums, t0, t_step = {}, time.time(), step
+    sums, t0, t_step = {"loss": 0.0}, time.time(), step
     while step < stop:
         lr = get_lr(step, args)
         for group in optimizer.param_groups:
@@ -193,7 +193,7 @@ def main(args):
             raw_model.logit_scale.clamp_(0, math.log(100))  # as CLIP: the temperature never goes below 0.01
         step += 1
         bar.update()
-        sums["loss"] = sums.get("loss", 0.0) + loss.item()
+        sums["loss"] += loss.item()
 
         # log: means over the interval (this rank's)
         if step % args.log_interval == 0 or step == stop:
@@ -203,7 +203,7 @@ def main(args):
             if master:
                 bar.write(f"step {step} | loss {mean['loss']:.4f} | scale {raw_model.logit_scale.exp().item():.1f} | "
                           f"lr {lr:.2e} | {dt / n * 1000:.0f} ms | {n * args.batch_size * world / dt:.0f} img/s")
-            sums, t0, t_step = {}, time.time(), step
+            sums, t0, t_step = {"loss": 0.0}, time.time(), step
 
         # evaluate and checkpoint, of the same step
         if args.eval_interval and step % args.eval_interval == 0 or step == stop:
