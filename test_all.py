@@ -943,7 +943,16 @@ def test_train_vqgan_lpips_loads_published_layouts(tmp_path):
     assert d.shape == (2,) and (d > 0).all() and torch.equal(lp(x, x), torch.zeros(2))
     sd = {f"loss.perceptual_loss.{'scaling_layer.' if k in ('shift', 'scale') else ''}{k}": v
           for k, v in lp.state_dict().items()}
-    torch.save({"state_dict": sd}, tmp_path / "taming.ckpt")
+    # as pytorch-lightning 1.0.8 saves it: the ModelCheckpoint class itself pickled as a key, lightning not installed
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    sys.modules.update({n: types.ModuleType(n) for n in names})
+    ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": names[-1]})
+    sys.modules[names[-1]].ModelCheckpoint = ModelCheckpoint
+    try:
+        torch.save({"callbacks": {ModelCheckpoint: {}}, "state_dict": sd}, tmp_path / "taming.ckpt")
+    finally:
+        for n in names:
+            del sys.modules[n]
     assert torch.equal(train_vqgan.LPIPS().load(tmp_path / "taming.ckpt").eval()(x, y), d)
 
 
