@@ -256,24 +256,29 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with defaults in --help and one-line errors: 'prog: error: argument --cfg: ... — see prog --help'.
 
     presets={name: {dest: value}}: the trainers' named runs. The parser's own `--preset` flag picks one, whose values
-    become the defaults (so `--preset shapes --help` shows them); a flag given explicitly still wins.
+    become the defaults (so `--preset shapes --help` shows them); a flag given explicitly still wins. Without
+    --preset, `--data NAME` picks the preset of that name, and `--data FOLDER` picks real_preset (the paper's sizes).
     """
 
-    def __init__(self, *args, presets=None, **kwargs):
+    def __init__(self, *args, presets=None, real_preset=None, **kwargs):
         super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
-        self.presets, self.base_defaults = presets or {}, None
+        self.presets, self.real_preset, self.base_defaults = presets or {}, real_preset, None
 
     def parse_known_args(self, args=None, namespace=None):
         if self.presets:
             if self.base_defaults is None:  # restored before each preset, so a parser can be reused
                 self.base_defaults = {a.dest: a.default for a in self._actions if a.default is not argparse.SUPPRESS}
             first = argparse.ArgumentParser(add_help=False)
-            first.add_argument("--preset", default=self.base_defaults["preset"])
-            name = first.parse_known_args(args)[0].preset
+            first.add_argument("--preset")
+            first.add_argument("--data")
+            given = first.parse_known_args(args)[0]
+            # no --preset: the one named like --data (shapes, imagenet), the paper's sizes for any other folder
+            name = given.preset or (self.base_defaults["preset"] if given.data is None else given.data
+                                    if given.data in self.presets else self.real_preset)
             preset = self.presets.get(name, {})  # an unknown name is refused by --preset's choices
             if unknown := set(preset) - set(self.base_defaults):
                 raise ValueError(f"preset {name!r} sets {sorted(unknown)}, which are not flags")
-            self.set_defaults(**{**self.base_defaults, **preset})
+            self.set_defaults(**{**self.base_defaults, **preset, "preset": name})
         return super().parse_known_args(args, namespace)
 
     def error(self, message):
@@ -284,7 +289,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_run_flags(p, name, default_preset="shapes"):
     """The flags every trainer shares, same names and meaning: the preset, where the run lives, how it runs."""
     p.add_argument("--preset", default=default_preset, choices=sorted(p.presets), help="named run (the PRESETS "
-                   "dict); it sets the defaults shown here, and a flag given explicitly wins")
+                   "dict); it sets the defaults shown here, and a flag given explicitly wins. Unset: the preset named "
+                   f"like --data, {p.real_preset!r} for another --data folder, else")
     p.add_argument("--out", default=f"out/{name}", help="the run's folder: ckpt.pt (resumable), the fp16 export, grids")
     p.add_argument("--resume", action="store_true", help="continue <out>/ckpt.pt exactly")
     p.add_argument("--overwrite", action="store_true", help="delete the run in <out> and start a new one")

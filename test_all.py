@@ -226,6 +226,16 @@ def test_data_open_image_decodes_every_mode_faithfully(tmp_path, mode):
     assert item["image"].shape == (3, 1, 1) and -1 <= item["image"].min() <= item["image"].max() <= 1
 
 
+def test_data_preset_follows_data_when_not_given():
+    # `python train_vqgan.py --data imagenet` trains the paper's f16-16384, not the 32-px shapes model
+    args = lambda mod, *argv: mod.get_parser().parse_args(list(argv))  # noqa: E731
+    assert (args(train_vqgan, "--data", "imagenet").model, args(train_vqgan).model) == ("f16-16384", "shapes")
+    assert args(train_vqgan, "--data", "photos/").preset == "imagenet"
+    assert (args(train_gpt, "--data", "imagenet").model, args(train_gpt, "--data", "photos/").model) == \
+        ("gpt2-xl", "gpt2-medium")
+    assert args(train_gpt, "--data", "imagenet", "--preset", "tiny").model == "tiny"  # an explicit preset wins
+
+
 def test_data_presets_set_defaults_and_explicit_flags_win(capsys):
     presets = {"small": dict(lr=0.5, steps=3), "big": dict(steps=9)}
     p = data.ArgumentParser(prog="t.py", presets=presets)

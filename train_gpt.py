@@ -50,7 +50,8 @@ PREPARE_BATCH = 64  # images per encoding batch
 
 
 def get_parser():
-    p = data.ArgumentParser(prog=Path(__file__).name, description=__doc__.strip().split("\n")[0], presets=PRESETS)
+    p = data.ArgumentParser(prog=Path(__file__).name, description=__doc__.strip().split("\n")[0], presets=PRESETS,
+                            real_preset="coco")
     data.add_run_flags(p, "gpt")
     # data: prepare, then the token files
     p.add_argument("--data", default="shapes", help="'shapes', 'imagenet' ($IMAGENET_DIR) or a folder of images")

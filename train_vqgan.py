@@ -49,7 +49,8 @@ VGG_SHA256_PREFIX = "397923af"  # torchvision publishes the first 8 hex digits, 
 
 
 def get_parser():
-    p = data.ArgumentParser(prog=Path(__file__).name, description=__doc__.strip().split("\n")[0], presets=PRESETS)
+    p = data.ArgumentParser(prog=Path(__file__).name, description=__doc__.strip().split("\n")[0], presets=PRESETS,
+                            real_preset="imagenet")
     data.add_run_flags(p, "vqgan")
     # data and model
     p.add_argument("--data", default="shapes", help="'shapes', 'imagenet' ($IMAGENET_DIR) or a folder of images")
