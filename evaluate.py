@@ -286,13 +286,13 @@ def fid_stats(model, src, args):
                             f"evaluate.py stats REF_FOLDER --out {src} --blur {' '.join(map(str, args.blur))}")
         return found, None if n is None else int(n)
     out = {}
-    for k in args.blur:
-        features = folder_features(model, src, k, "fid", args.dims, args.batch_size, args.device)
-        out[k] = features.mean(0), np.cov(features, rowvar=False)  # float64, ddof 1: pytorch-fid's statistics
-    if len(features) < args.dims:
-        print(f"warning: {src} has {len(features)} images, fewer than the {args.dims} a full-rank covariance needs: "
+    for k in args.blur:  # float64 mu and sigma with ddof 1: pytorch-fid's statistics
+        f = folder_features(model, src, k, "fid", args.dims, args.batch_size, args.device)
+        out[k] = f.mean(0), np.cov(f, rowvar=False)
+    if len(f) < args.dims:
+        print(f"warning: {src} has {len(f)} images, fewer than the {args.dims} a full-rank covariance needs: "
               f"FID is biased upwards and not comparable with published numbers (use 10k-50k)")
-    return out, len(features)
+    return out, len(f)
 
 
 def fids(model, a, b, args):
@@ -304,8 +304,7 @@ def inception_scores(model, folder, args):
     logits = folder_features(model, folder, 0, "is", 2048, args.batch_size, args.device)
     if len(logits) < args.splits:
         raise UserError(f"--splits {args.splits}: {folder} has only {len(logits)} images — lower --splits")
-    mean, std = inception_score(logits, args.splits)
-    return {"is": mean, "is_std": std, "n": len(logits)}
+    return dict(zip(("is", "is_std"), inception_score(logits, args.splits)), n=len(logits))
 
 
 def read_captions(path, n, seed):
@@ -315,8 +314,11 @@ def read_captions(path, n, seed):
         raise UserError(f"--captions {path}: no such file — pass a .txt (one per line) or COCO's captions_*.json")
     if p.suffix == ".json":
         per_image, rng = {}, random.Random(seed)
-        for a in json.loads(p.read_text())["annotations"]:
-            per_image.setdefault(a["image_id"], []).append(a["caption"].strip())
+        try:
+            for a in json.loads(p.read_text())["annotations"]:
+                per_image.setdefault(a["image_id"], []).append(a["caption"].strip())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not the captions layout
+            raise UserError(f"--captions {path} is not COCO's captions json ({e!r}) — pass that or a .txt")
         captions = [rng.choice(caps) for _, caps in sorted(per_image.items())]
     else:
         captions = [line.strip() for line in p.read_text().splitlines() if line.strip()]
@@ -332,14 +334,7 @@ def generator(args):
                                               batch_size=args.gen_batch_size, **flags)[0]
 
 
-def cmd_stats(args, model):
-    st, n = fid_stats(model, args.folder, args)
-    np.savez_compressed(args.out, n=n, **{f"{m}_blur{k}" if k else m: v for k, pair in st.items()
-                                          for m, v in zip(("mu", "sigma"), pair)})
-    return {"n": n, "written": args.out}
-
-
-def cmd_shapes(args, _):
+def cmd_shapes(args):
     """Every colour x shape prompt ("a red circle"), args.n images each, judged by palette analysis and the judge."""
     pairs = [(c, s) for c in range(len(data.COLORS)) for s in range(len(data.SHAPES)) for _ in range(args.n)]
     images = generator(args)([data.prompt(c, s) for c, s in pairs[::args.n]], args.n)
@@ -385,12 +380,17 @@ def main(args):
     if args.cmd == "stats" and Path(args.out).exists():
         raise UserError(f"--out {args.out} exists — remove it or choose another --out")
     model = load_inception(args.inception, args.device) if args.cmd != "shapes" else None
-    if args.cmd == "fid":
+    if args.cmd == "stats":
+        st, n = fid_stats(model, args.folder, args)
+        np.savez_compressed(args.out, n=n, **{f"{m}_blur{k}" if k else m: v for k, pair in st.items()
+                                              for m, v in zip(("mu", "sigma"), pair)})
+        results = {"n": n, "written": args.out}
+    elif args.cmd == "fid":
         results = fids(model, args.a, args.b, args)
     elif args.cmd == "is":
         results = inception_scores(model, args.folder, args)
     else:
-        results = {"stats": cmd_stats, "shapes": cmd_shapes, "coco": cmd_coco}[args.cmd](args, model)
+        results = cmd_shapes(args) if args.cmd == "shapes" else cmd_coco(args, model)
     print(json.dumps({"command": args.cmd, "results": results, "settings": settings}) if args.json else "\n".join(
         f"{k:<24} {v:.4f}" if isinstance(v, float) else f"{k:<24} {v}" for k, v in results.items()))
     return results

@@ -1767,6 +1767,8 @@ def test_evaluate_coco_command_end_to_end_and_resumes(weights, tmp_path, capsys)
     (["shapes", "--device", "tpu"], "--device tpu: unknown device — use cpu, cuda, cuda:N or mps"),
     (["shapes", "--gpt", "{tmp}/junk.npz"], "{tmp}/junk.npz is not a PyTorch checkpoint"),
     (["coco", "--captions", "{tmp}/none.txt", "--ref-stats", "{tmp}/ref.npz"], "--captions {tmp}/none.txt: no such file"),
+    (["coco", "--captions", "{tmp}/ref.npz.json", "--ref-stats", "{tmp}/ref.npz"],
+     "--captions {tmp}/ref.npz.json is not COCO's captions json (KeyError('annotations'))"),
     (["is", "{tmp}/imgs", "--inception", "{tmp}/junk.npz"], "{tmp}/junk.npz is not a PyTorch checkpoint"),
 ])
 def test_evaluate_bad_input_is_one_line(weights, tmp_path, capsys, argv, message):
@@ -1776,6 +1778,7 @@ def test_evaluate_bad_input_is_one_line(weights, tmp_path, capsys, argv, message
         data.render(data.shape_attributes(0, i), 32).save(tmp_path / "imgs" / f"{i}.png")
     np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64))
     (tmp_path / "junk.npz").write_bytes(b"not an archive")
+    (tmp_path / "ref.npz.json").write_text('{"images": []}')  # COCO's instances file, not its captions
     if "--inception" not in argv and argv[0] != "shapes":
         argv = argv + ["--inception", str(weights[0])]
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
