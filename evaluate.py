@@ -56,8 +56,7 @@ def load_inception(path=None, device="cpu"):
 
 
 class InceptionFolder(data.ImageFolder):
-    """Every image under `root`, whole (no crop), blurred if asked, as the (3, 299, 299) input of pytorch-fid
-    (tool "fid") or torch-fidelity (tool "is"); an unreadable file -> None (data.collate drops and counts it)."""
+    """Every image under root, whole, blurred if asked -> (3, 299, 299) inputs of pytorch-fid or torch-fidelity."""
 
     def __init__(self, root, blur=0, tool="fid"):
         super().__init__(root, resolution=299, train=False)
@@ -66,7 +65,7 @@ class InceptionFolder(data.ImageFolder):
     def __getitem__(self, index):
         try:
             img = data.open_image(self.files[index])
-        except Exception as e:  # as data.ImageFolder: any decoding error means "skip this one"
+        except Exception as e:  # as data.ImageFolder: any decoding error skips the file (data.collate counts it)
             warnings.warn(f"skipping unreadable image {self.files[index]}: {type(e).__name__}: {e}")
             return None
         if self.blur:  # DALL-E / CogView FID-k; PIL's radius is the Gaussian's standard deviation
@@ -101,8 +100,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)), computed exactly as pytorch-fid 0.3.0 does."""
     mu1, mu2, sigma1, sigma2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise UserError(f"the two statistics differ in size ({mu1.shape[0]} vs {mu2.shape[0]} features) — make both "
-                        f"with the same --dims (pytorch-fid's .npz files are 2048)")
+        raise UserError(f"the two statistics differ in size ({mu1.shape[0]} vs {mu2.shape[0]}) — use the same --dims")
     diff = mu1 - mu2
     covmean = scipy.linalg.sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():  # a singular product: retry with a small diagonal offset
@@ -322,6 +320,8 @@ def read_captions(path, n, seed):
         captions = [rng.choice(caps) for _, caps in sorted(per_image.items())]
     else:
         captions = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not captions:
+        raise UserError(f"--captions {path} holds no captions — one per line, or COCO's captions json")
     return [captions[i] for i in sorted(random.Random(seed).sample(range(len(captions)), min(n, len(captions))))]
 
 

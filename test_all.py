@@ -1569,7 +1569,8 @@ def test_evaluate_inception_layout_is_pytorch_fids_and_loads_strictly(weights):
     x = inception.fid_input(torch.rand(1, 3, 64, 48))  # any size: resized to 299 as pytorch-fid does
     with torch.no_grad():
         pool, logits, small = model(x), model.logits(x), model(x, dims=64)
-    assert pool.shape == (1, 2048) and logits.shape == (1, 1008) and small.shape == (1, 64) and torch.isfinite(pool).all()
+    assert pool.shape == (1, 2048) and logits.shape == (1, 1008) and small.shape == (1, 64)
+    assert torch.isfinite(pool).all()
     torch.testing.assert_close(logits, pool @ sd["fc.weight"].T)  # bias-free logits, as torch-fidelity's IS
     with torch.no_grad():  # pytorch-fid's 64-d features: the mean of the first block's output (after its max pool)
         first = F.max_pool2d(model.Conv2d_2b_3x3(model.Conv2d_2a_3x3(model.Conv2d_1a_3x3(x))), 3, stride=2)
@@ -1609,7 +1610,7 @@ def test_evaluate_frechet_distance_cases():
     assert np.isfinite(fd) and fd == pytest.approx(92, rel=1e-5)
     with pytest.raises(ValueError, match="Imaginary component"):
         evaluate.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
-    with pytest.raises(data.UserError, match=r"differ in size \(3 vs 2 features\) — make both with the same --dims"):
+    with pytest.raises(data.UserError, match=r"differ in size \(3 vs 2\) — use the same --dims"):
         evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
 
 
@@ -1723,7 +1724,8 @@ def test_evaluate_shapes_command_on_the_shipped_checkpoints(judge, capsys):
     out = evaluate.main(evaluate.get_parser().parse_args(["shapes", "--n", "1", "--judge", str(judge), "--json"]))
     assert out["n"] == 48 and out["judge_val_acc"] > 0.8  # the 48 colour x shape prompts, one image each
     # chance is 1/8 for colour and 1/6 for shape; the shipped generator, raw, drew ~0.5 of each (docs/results.md)
-    assert out["color_acc"] > 0.3 and out["shape_acc"] > 0.3 and out["both_acc"] <= min(out["color_acc"], out["shape_acc"])
+    assert out["color_acc"] > 0.3 and out["shape_acc"] > 0.3
+    assert out["both_acc"] <= min(out["color_acc"], out["shape_acc"])
     printed = capsys.readouterr().out
     assert "settings: " in printed and json.loads(printed.splitlines()[-1])["settings"]["temperature"] == 1.0
 
@@ -1749,13 +1751,15 @@ def test_evaluate_coco_command_end_to_end_and_resumes(weights, tmp_path, capsys)
     stamps = [p.stat().st_mtime_ns for p in pngs]
     again = evaluate.main(evaluate.get_parser().parse_args([str(a) for a in argv]))  # resumes: nothing to generate
     assert again == first and [p.stat().st_mtime_ns for p in pngs] == stamps
-    assert "holds another run (its images were made from other captions or generation flags" in cli_error(evaluate, argv + ["--seed", "1"], capsys)
+    refused = cli_error(evaluate, argv + ["--seed", "1"], capsys)
+    assert "holds another run (its images were made from other captions or generation flags" in refused
 
 
 @pytest.mark.parametrize("argv, message", [
     (["fid", "{tmp}/nowhere", "{tmp}/ref.npz"], "no images under {tmp}/nowhere (looked recursively for"),
     (["fid", "{tmp}/imgs", "{tmp}/ref.npz", "--blur", "0", "3"], "{tmp}/ref.npz has no statistics for blur [3]"),
-    (["fid", "{tmp}/imgs", "{tmp}/ref.npz", "--dims", "2048"], "the two statistics differ in size (2048 vs 64 features)"),
+    (["fid", "{tmp}/imgs", "{tmp}/ref.npz", "--dims", "2048"], "the two statistics differ in size (2048 vs 64)"),
+    (["coco", "--captions", "{tmp}/empty.txt", "--ref-stats", "{tmp}/ref.npz"], "--captions {tmp}/empty.txt holds no"),
     (["fid", "{tmp}/imgs", "{tmp}/missing.npz"], "cannot read {tmp}/missing.npz (FileNotFoundError: "),
     (["fid", "{tmp}/imgs", "{tmp}/junk.npz"], "cannot read {tmp}/junk.npz (ValueError: "),
     (["is", "{tmp}/imgs"], "--splits 10: {tmp}/imgs has only 2 images — lower --splits"),
@@ -1779,6 +1783,7 @@ def test_evaluate_bad_input_is_one_line(weights, tmp_path, capsys, argv, message
     np.savez(tmp_path / "ref.npz", mu=np.zeros(64), sigma=np.eye(64))
     (tmp_path / "junk.npz").write_bytes(b"not an archive")
     (tmp_path / "ref.npz.json").write_text('{"images": []}')  # COCO's instances file, not its captions
+    (tmp_path / "empty.txt").write_text("\n")
     if "--inception" not in argv and argv[0] != "shapes":
         argv = argv + ["--inception", str(weights[0])]
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
