@@ -229,8 +229,8 @@ def bench_gpt_sample(b):
                     gen.manual_seed(0)  # every repetition samples the same tokens
                     with b.amp():
                         samples[use_cache, B] = model.generate(cond, generator=gen, use_cache=use_cache)
-                # CPU: the cached runs warm the allocator; a no-cache run is slow there: 2 reps, no warm-up. CUDA: each new
-                # sequence length picks its kernels on first use (13 s, then 2 s: docs/speed.md): warm up
+                # CPU: the cached runs warm the allocator; a no-cache run is slow there: 2 reps, no warm-up.
+                # CUDA: each new sequence length picks its kernels on first use (13 s, then 2 s: docs/speed.md): warm up
                 times = b.time(run, warmup=None if use_cache else int(b.cuda),
                                reps=None if use_cache else min(2, b.sz["reps"]))
                 rates[use_cache, B] = statistics.median(B * T / t for t in times)

@@ -1661,8 +1661,8 @@ def test_evaluate_stats_skips_corrupt_images_and_refuses_to_overwrite(weights, t
         assert sorted(f.keys()) == ["mu", "mu_blur2", "n", "sigma", "sigma_blur2"] and f["n"] == 3
         assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048) and f["sigma"].dtype == np.float64
         assert not np.array_equal(f["mu"], f["mu_blur2"])
-    assert cli_error(evaluate, argv, capsys) == f"evaluate.py: error: --out {tmp_path / 's.npz'} exists — remove it or " \
-                                               f"choose another --out"
+    refused = cli_error(evaluate, argv, capsys)
+    assert refused == f"evaluate.py: error: --out {tmp_path / 's.npz'} exists — remove it or choose another --out"
 
 
 def shapes_images(n=240, seed=5):
@@ -1770,7 +1770,7 @@ def test_evaluate_coco_command_end_to_end_and_resumes(weights, tmp_path, capsys)
     (["shapes", "--top-p", "nan"], "argument --top-p: nan is out of range"),
     (["shapes", "--device", "tpu"], "--device tpu: unknown device — use cpu, cuda, cuda:N or mps"),
     (["shapes", "--gpt", "{tmp}/junk.npz"], "{tmp}/junk.npz is not a PyTorch checkpoint"),
-    (["coco", "--captions", "{tmp}/none.txt", "--ref-stats", "{tmp}/ref.npz"], "--captions {tmp}/none.txt: no such file"),
+    (["coco", "--captions", "{tmp}/none.txt", "--ref-stats", "{tmp}/ref.npz"], "--captions {tmp}/none.txt: no such"),
     (["coco", "--captions", "{tmp}/ref.npz.json", "--ref-stats", "{tmp}/ref.npz"],
      "--captions {tmp}/ref.npz.json is not COCO's captions json (KeyError('annotations'))"),
     (["is", "{tmp}/imgs", "--inception", "{tmp}/junk.npz"], "{tmp}/junk.npz is not a PyTorch checkpoint"),
@@ -1829,7 +1829,8 @@ def test_bench_json_to_stdout_and_the_fid_stage(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["gpt", "--quick"], "bench.py: error: unknown stage(s) gpt — choose from clip, vqgan, gpt-train, gpt-sample, fid"),
     (["--reps", "0"], "bench.py: error: argument --reps: 0 is out of range: it must be >= 1 — see bench.py --help"),
-    (["--threads", "-1"], "bench.py: error: argument --threads: -1 is out of range: it must be >= 0 — see bench.py --help"),
+    (["--threads", "-1"], "bench.py: error: argument --threads: -1 is out of range: it must be >= 0 — see bench.py "
+                          "--help"),
     (["--device", "tpu"], "bench.py: error: --device tpu: unknown device — use cpu, cuda, cuda:N or mps"),
 ])
 def test_bench_bad_input_is_one_line(capsys, argv, message):
