@@ -44,15 +44,26 @@ SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond"]  # drawn u
 SIZES = ["small", "large"]
 RADIUS = {"small": (0.17, 0.23), "large": (0.28, 0.36)}  # half-extent as a fraction of the side; small stays >~10 px
                                                           # at 64 px, so a small shape keeps its outline at 32 px too
+# colour x shape pairs the GPT never sees (train_gpt.py --exclude-held-out); CLIP and the VQGAN train on everything, as
+# a web-scale CLIP and a generic tokenizer would. Prompting them tests generation of unseen combinations.
+HELD_OUT = [("red", "star"), ("green", "circle"), ("blue", "triangle"), ("yellow", "cross"), ("purple", "diamond"),
+            ("white", "square")]
+HELD_OUT_IDS = {(COLOR_NAMES.index(c), SHAPES.index(s)) for c, s in HELD_OUT}  # (colour index, shape index)
+# continuous variation that keeps every attribute unambiguous: the radius spans its size's range (the sizes do not
+# overlap) and each RGB channel of shape and background moves by up to `rgb` (palette colours are >= 80 apart, so the
+# nearest one is still the named one). Centre shifts of +-1 px and turns of +-10 degrees were measured and left out:
+# the GPT then drew blobs (docs/shapes.md)
+JITTER = dict(rgb=12)
 
 
 def shape_attributes(seed, index, centred=True):
     """The (deterministic) attributes of shapes image `index` of the world `seed`.
 
-    centred=True, the world everything trains on: the shape sits in the middle at its size's mean radius, so there are
-    8 x 7 x 6 x 2 = 672 distinct images. With a random position and radius (centred=False), a 1M-parameter GPT trained
-    for 10 CPU minutes drew blobs: shape 0.31 even when conditioned on the images' own CLIP embeddings, 0.90 centred
-    (README, "The shapes world"). centred=False is kept for the shape judge, which must see shapes anywhere."""
+    centred=True, the world everything trains on: the shape sits in the middle, with a continuous radius within its
+    size's range and a continuous shade of its colours (JITTER), so no two images are the same picture. With a random
+    position (centred=False), a 1M-parameter GPT trained for 10 CPU minutes drew blobs: shape 0.31 even when
+    conditioned on the images' own CLIP embeddings, 0.90 centred (README, "The shapes world"). centred=False is kept
+    for the shape judge, which must see shapes anywhere."""
     rng = np.random.default_rng([seed, index])
     color = int(rng.integers(len(COLORS)))
     bg = int(rng.integers(len(COLORS) - 1))
@@ -60,11 +71,19 @@ def shape_attributes(seed, index, centred=True):
     size = int(rng.integers(len(SIZES)))
     r = float(rng.uniform(*RADIUS[SIZES[size]]))
     cx, cy = rng.uniform(r, 1 - r, size=2)
-    if centred:  # drawn all the same, so colour, shape and caption of image i do not depend on the layout
-        r, cx, cy = sum(RADIUS[SIZES[size]]) / 2, 0.5, 0.5
+    if centred:  # drawn all the same, so the labels of image i do not depend on the layout
+        cx, cy = 0.5, 0.5
     drop_size, drop_bg = rng.random(2) < 0.5  # caption variants, so "a red circle" is in distribution
-    return dict(color=color, shape=int(rng.integers(len(SHAPES))), size=size, bg=bg, r=r, cx=float(cx), cy=float(cy),
+    shape = int(rng.integers(len(SHAPES)))
+    # drawn after the labels, so the colours, shape, size and caption of image i are those of the older worlds
+    shade = rng.integers(-JITTER["rgb"], JITTER["rgb"] + 1, size=(2, 3))  # (fill, background) x RGB offsets
+    return dict(color=color, shape=shape, size=size, bg=bg, r=r, cx=float(cx), cy=float(cy), shade=shade.tolist(),
                 drop_size=bool(drop_size), drop_bg=bool(drop_bg))
+
+
+def shaded(color, offset):
+    """Palette colour `color` (an index) moved by an RGB offset, clipped to 0..255."""
+    return tuple(int(v) for v in np.clip(np.array(COLORS[COLOR_NAMES[color]]) + offset, 0, 255))
 
 
 def _polygon(shape, cx, cy, r):
@@ -89,11 +108,12 @@ def _polygon(shape, cx, cy, r):
 
 
 def render(attrs, resolution=64):
-    """Draw one shapes image (RGB, no anti-aliasing: every pixel is exactly one palette colour)."""
-    img = Image.new("RGB", (resolution, resolution), COLORS[COLOR_NAMES[attrs["bg"]]])
+    """Draw one shapes image (RGB, no anti-aliasing: two flat colours, each within JITTER of its palette colour)."""
+    shade = attrs.get("shade", [(0, 0, 0), (0, 0, 0)])  # (fill, background) RGB offsets; none: the exact palette
+    img = Image.new("RGB", (resolution, resolution), shaded(attrs["bg"], shade[1]))
     draw = ImageDraw.Draw(img)
     cx, cy, r = attrs["cx"] * resolution, attrs["cy"] * resolution, attrs["r"] * resolution
-    fill = COLORS[COLOR_NAMES[attrs["color"]]]
+    fill = shaded(attrs["color"], shade[0])
     shape = SHAPES[attrs["shape"]]
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -119,21 +139,47 @@ def prompt(color, shape):
     return with_article(f"{COLOR_NAMES[color]} {SHAPES[shape]}")
 
 
+def shapes_prompts(full=False, seed=0):
+    """What the shapes evaluation asks for, one prompt per colour x shape pair: dicts of text and the color, shape, size
+    and bg indices it names (size and bg None in the short form, "a red circle"). full: "a {size} {colour} {shape} on
+    a {bg} background", size and background drawn from `seed`."""
+    rng, out = np.random.default_rng(seed), []
+    for color in range(len(COLORS)):
+        for shape in range(len(SHAPES)):
+            size, bg = int(rng.integers(len(SIZES))), int(rng.integers(len(COLORS) - 1))
+            a = dict(color=color, shape=shape, size=size, bg=bg + (bg >= color), drop_size=not full, drop_bg=not full)
+            out.append(dict(text=caption(a), color=color, shape=shape, size=size if full else None,
+                            bg=a["bg"] if full else None))  # the background is never the shape's colour
+    return out
+
+
 def to_tensor(img):
     """PIL RGB (H, W, 3) uint8 -> (3, H, W) float in [-1, 1]."""
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(127.5).sub(1)
 
 
 class Shapes(Dataset):
-    """n procedural images of the world `seed`; the validation split is another world (seed + 1_000_003)."""
+    """n procedural images of the world `seed`; the validation split is another world (seed + 1_000_003).
+    exclude_held_out: the world's images of the HELD_OUT colour x shape pairs are skipped (the next ones fill in), so
+    item i is world image ids[i]; its `index` is that world index."""
 
-    def __init__(self, n=50_000, resolution=64, seed=0, train=True, centred=True):
+    def __init__(self, n=50_000, resolution=64, seed=0, train=True, centred=True, exclude_held_out=False):
         self.n, self.resolution, self.seed, self.train, self.centred = n, resolution, seed, train, centred
+        self.exclude_held_out, self.ids = exclude_held_out, None
+        if exclude_held_out:
+            ids, i = [], 0
+            while len(ids) < n:
+                a = shape_attributes(seed, i, centred)
+                if (a["color"], a["shape"]) not in HELD_OUT_IDS:
+                    ids.append(i)
+                i += 1
+            self.ids = np.array(ids)
 
     def __len__(self):
         return self.n
 
     def __getitem__(self, index):
+        index = index if self.ids is None else int(self.ids[index])
         a = shape_attributes(self.seed, index, self.centred)
         # no flip augmentation: every shape here is left-right symmetric, a flip only moves it
         return dict(image=to_tensor(render(a, self.resolution)), index=index, caption=caption(a), label=-1,
@@ -189,13 +235,18 @@ class ImageFolder(Dataset):
                     label=self.class_index.get(path.parent, -1))
 
 
-def get_dataset(name_or_path, split="train", resolution=256, train=True, n=None):
-    """'shapes', 'imagenet' ($IMAGENET_DIR or data/imagenet) or a folder (its <split>/ when it has train/ and val/)."""
+def get_dataset(name_or_path, split="train", resolution=256, train=True, n=None, exclude_held_out=False):
+    """'shapes', 'imagenet' ($IMAGENET_DIR or data/imagenet) or a folder (its <split>/ when it has train/ and val/).
+    exclude_held_out: shapes only, leave out the HELD_OUT colour x shape pairs."""
+    if exclude_held_out and name_or_path != "shapes":
+        raise UserError(f"--exclude-held-out leaves out the shapes world's HELD_OUT pairs; --data is {name_or_path} "
+                        f"— drop --exclude-held-out, or use --data shapes")
     if name_or_path == "shapes":
         if split not in ("train", "val"):
             raise ValueError(f"shapes has splits 'train' and 'val', not {split!r}")
         seed = 0 if split == "train" else 1_000_003
-        return Shapes(n or (50_000 if split == "train" else 2_000), resolution, seed=seed, train=train)
+        return Shapes(n or (50_000 if split == "train" else 2_000), resolution, seed=seed, train=train,
+                      exclude_held_out=exclude_held_out)
     if name_or_path == "imagenet":
         root = Path(os.environ.get("IMAGENET_DIR", "data/imagenet"))
         if not (root / split).is_dir():

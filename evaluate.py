@@ -173,9 +173,9 @@ def foreground_map(x, color, bg):
 def shape_judge():
     def block(cin, cout):  # a stride-2 conv halves the size; BN + ReLU
         return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-    # (N, 1, 64, 64) -> 32 -> 16 -> 8 -> 4 -> pooled (N, 48) -> (N, 6); small enough to train in seconds on a CPU
+    # (N, 1, 64, 64) -> 32 -> 16 -> 8 -> 4 -> pooled (N, 48) -> (N, 6 shape + 2 size logits); trains in seconds
     return nn.Sequential(*block(1, 12), *block(12, 24), *block(24, 48), *block(48, 48),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, len(data.SHAPES)))
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, len(data.SHAPES) + len(data.SIZES)))
 
 
 def degrade(x, g):
@@ -193,7 +193,8 @@ def degrade(x, g):
 
 
 def judge_set(n, seed, g):
-    """n procedural images, shapes anywhere -> judge inputs of each clean and degraded (2n, 1, 64, 64), labels (2n,)."""
+    """n procedural images, shapes anywhere -> judge inputs of each clean and degraded (2n, 1, 64, 64), labels (2n, 2):
+    shape, size."""
     ds = data.Shapes(n, resolution=JUDGE_RES, seed=seed, centred=False)
     items = [ds[i] for i in range(n)]
     x = (torch.stack([it["image"] for it in items]) + 1) / 2  # (n, 3, 64, 64) in [0, 1]
@@ -203,13 +204,14 @@ def judge_set(n, seed, g):
         clean.append(foreground_map(x[i:i + 500], color[i:i + 500], bg[i:i + 500]))
         d = degrade(x[i:i + 500], g)
         degraded.append(foreground_map(d, *palette_analysis(d)))  # as at test time: the colours are estimated
-    return torch.cat(clean + degraded), torch.tensor([it["shape"] for it in items]).repeat(2)
+    return torch.cat(clean + degraded), torch.tensor([[it["shape"], it["size"]] for it in items]).repeat(2, 1)
 
 
 def judge_world():
     """What the judge learns from; a judge cached for another world (shapes, size, data.py drawing) is retrained."""
     probe = np.stack([data.render(data.shape_attributes(7_000_001, i, centred=False), JUDGE_RES) for i in range(16)])
-    return {"res": JUDGE_RES, "shapes": data.SHAPES, "world": hashlib.sha256(probe.tobytes()).hexdigest()[:16]}
+    return {"res": JUDGE_RES, "shapes": data.SHAPES, "sizes": data.SIZES,
+            "world": hashlib.sha256(probe.tobytes()).hexdigest()[:16]}
 
 
 def train_shape_judge(path, n_train=3_000, steps=300, n_val=1_000, seed=0):
@@ -225,18 +227,22 @@ def train_shape_judge(path, n_train=3_000, steps=300, n_val=1_000, seed=0):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps)
     for _ in data.progress(range(steps), desc="training the shape judge", leave=False):
         idx = torch.randint(len(x), (128,), generator=g)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+        logits, k = model(x[idx]), len(data.SHAPES)  # (128, shapes + sizes)
+        loss = F.cross_entropy(logits[:, :k], y[idx, 0]) + F.cross_entropy(logits[:, k:], y[idx, 1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     torch.set_num_threads(threads)
     with torch.no_grad():
-        ok = (model.eval()(xv).argmax(1) == yv).float()
-    ckpt = {"model": model.state_dict(), "config": judge_world() | {"n_train": n_train},
-            "step": steps, "val_acc": ok[:n_val].mean().item(), "val_acc_degraded": ok[n_val:].mean().item()}
+        logits, k = model.eval()(xv), len(data.SHAPES)
+    shape_ok, size_ok = (logits[:, :k].argmax(1) == yv[:, 0]).float(), (logits[:, k:].argmax(1) == yv[:, 1]).float()
+    ckpt = {"model": model.state_dict(), "config": judge_world() | {"n_train": n_train}, "step": steps,
+            "val_acc": shape_ok[:n_val].mean().item(), "val_acc_degraded": shape_ok[n_val:].mean().item(),
+            "val_size_acc": size_ok[:n_val].mean().item(), "val_size_acc_degraded": size_ok[n_val:].mean().item()}
     data.save_atomic(ckpt, path)
-    print(f"trained the shape judge: held-out {ckpt['val_acc']:.3f} clean, {ckpt['val_acc_degraded']:.3f} degraded")
+    print(f"trained the shape judge: held-out shape {ckpt['val_acc']:.3f} clean, {ckpt['val_acc_degraded']:.3f} "
+          f"degraded; size {ckpt['val_size_acc']:.3f}, {ckpt['val_size_acc_degraded']:.3f}")
     return model, ckpt
 
 
@@ -254,16 +260,47 @@ def load_shape_judge(path=None):
 
 
 @torch.no_grad()
-def shapes_accuracy(images, colors, shapes, judge):
-    """uint8 images (N, H, W, 3) and the colour and shape each was asked for (indices into data.COLORS, data.SHAPES)
-    -> dict(color_acc, shape_acc, both_acc, n, color_pred, shape_pred)."""
+def shapes_accuracy(images, colors, shapes, judge, sizes=None, bgs=None):
+    """uint8 images (N, H, W, 3) and what each was asked for (indices into data.COLORS, SHAPES, SIZES, COLORS; sizes,
+    bgs None where the prompts name none) -> {color, shape, both, [size, bg, all]}_acc, n and ok: (N,) bool, every
+    named attribute right. The background is the palette analysis' border colour."""
     x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W) in [0, 1]
     color, bg = palette_analysis(x)
-    shape = judge(foreground_map(x, color, bg)).argmax(1)
-    ok_c, ok_s = color == torch.tensor(colors), shape == torch.tensor(shapes)
-    rate = lambda ok: ok.float().mean().item()  # noqa: E731
-    return dict(color_acc=rate(ok_c), shape_acc=rate(ok_s), both_acc=rate(ok_c & ok_s), n=len(x),
-                color_pred=color.tolist(), shape_pred=shape.tolist())
+    logits, k = judge(foreground_map(x, color, bg)), len(data.SHAPES)       # (N, shapes + sizes)
+    pred = {"color": color, "shape": logits[:, :k].argmax(1), "size": logits[:, k:].argmax(1), "bg": bg}
+    asked = {"color": colors, "shape": shapes, "size": sizes, "bg": bgs}
+    hit = {name: pred[name] == torch.tensor(want) for name, want in asked.items() if want is not None}
+    ok, rate = torch.stack(list(hit.values())).all(0), lambda t: t.double().mean().item()
+    return {f"{name}_acc": rate(t) for name, t in hit.items()} | ({"all_acc": rate(ok)} if len(hit) > 2 else {}) | {
+        "both_acc": rate(hit["color"] & hit["shape"]), "n": len(x), "ok": ok}
+
+
+def near_match(x, ref, tol=1):
+    """x (N, D), ref (M, D) uint8 -> (N,) bool: x[i] is within `tol` of some row of ref in every byte."""
+    worst = [torch.cdist(x.float(), r.float(), p=float("inf")).amin(1) for r in ref.split(1024)]  # max |difference|
+    return torch.stack(worst).amin(0) <= tol
+
+
+def count_distinct(x, tol=1):
+    """x (n, D) uint8 -> how many rows are not within `tol` (every byte) of an earlier row."""
+    near = torch.cdist(x.float(), x.float(), p=float("inf")) <= tol             # (n, n)
+    return int((~near.tril(-1).any(1)).sum())
+
+
+@torch.no_grad()
+def training_reconstructions(models):
+    """The VQGAN reconstructions of the images the GPT trained on (its data_meta) -> uint8 (M, H*W*3), in the byte
+    layout of sample.generate's images."""
+    if (meta := models.meta).get("dataset") != "shapes":
+        raise UserError(f"--copies redraws the shapes images a GPT trained on; this GPT's are {meta.get('dataset')!r} "
+                        f"— drop --copies")
+    ds = data.get_dataset("shapes", "train", meta["resolution"], False, meta["n_images"],
+                          bool(meta.get("held_out_excluded")))
+    out, device = [], next(models.vqgan.parameters()).device
+    for batch in data.progress(data.make_loader(ds, 500, train=False, workers=0), desc="reconstructions", leave=False):
+        x = models.vqgan.decode(models.vqgan.encode(batch["image"].to(device))).float().cpu()  # (b, 3, H, W), [-1, 1]
+        out.append(((x + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).flatten(1))
+    return torch.cat(out)
 
 
 # -----------------------------------------------------------------------------
@@ -326,22 +363,55 @@ def read_captions(path, n, seed):
 
 
 def generator(args):
-    """sample.py's models and flags of `args` -> generate(prompts, n): uint8 images (len(prompts), n, H, W, 3)."""
+    """sample.py's models of `args` -> (models, generate(prompts, n): uint8 images (len(prompts), n, H, W, 3) drawn
+    with the flags of `args`)."""
     files = sample.fetch_release() if args.weights == "hfai-coco" else sample.SHIPPED
     models = sample.load_models(*(getattr(args, k) or files[k] for k in ("clip", "vqgan", "gpt")), device=args.device)
     flags = {k: getattr(args, k) for k in ("candidates", "temperature", "top_k", "top_p", "cfg", "seed")}
-    return lambda prompts, n: sample.generate(models, sample.text_embeddings(models, prompts), n=n,
-                                              batch_size=args.gen_batch_size, **flags)[0]
+    return models, lambda prompts, n: sample.generate(models, sample.text_embeddings(models, prompts), n=n,
+                                                      batch_size=args.gen_batch_size, **flags)[0]
+
+
+QUICKSTART = "a red circle on a blue background"  # the README's first command
+
+
+def quickstart(models, judge):
+    """sample.py's defaults on QUICKSTART, seeds 0-7 -> how many kept images are a red circle on blue, and the fewest
+    distinct images one seed kept."""
+    p, right, distinct = sample.get_parser(), 0, []
+    flags = {k: p.get_default(k) for k in ("temperature", "cfg", "batch_size")} | sample.DEFAULTS[models.meta["layout"]]
+    red, circle, blue = ([i] * flags["n"] for i in (data.COLOR_NAMES.index("red"), data.SHAPES.index("circle"),
+                                                      data.COLOR_NAMES.index("blue")))
+    for seed in range(8):
+        images = sample.generate(models, sample.text_embeddings(models, [QUICKSTART]), seed=seed, **flags)[0][0]
+        right += int(shapes_accuracy(images, red, circle, judge, bgs=blue)["ok"].sum())  # images (n, H, W, 3)
+        distinct.append(count_distinct(images.flatten(1)))
+    return {"quickstart_right": right, "quickstart_kept": 8 * flags["n"], "quickstart_min_distinct": min(distinct)}
 
 
 def cmd_shapes(args):
-    """Every colour x shape prompt ("a red circle"), args.n images each, judged by palette analysis and the judge."""
-    pairs = [(c, s) for c in range(len(data.COLORS)) for s in range(len(data.SHAPES)) for _ in range(args.n)]
-    images = generator(args)([data.prompt(c, s) for c, s in pairs[::args.n]], args.n)
+    """Every colour x shape pair, args.n images each, judged; also the seen pairs and data.HELD_OUT's (which the GPT
+    never saw) apart; duplicates among each prompt's images; on request copies of training images, the quick start."""
+    models, generate = generator(args)
     judge, ckpt = load_shape_judge(args.judge)
-    acc = shapes_accuracy(images.flatten(0, 1), [c for c, _ in pairs], [s for _, s in pairs], judge)
-    return {k: acc[k] for k in ("color_acc", "shape_acc", "both_acc", "n")} | {
-        "judge_val_acc": ckpt["val_acc"], "judge_val_acc_degraded": ckpt["val_acc_degraded"]}
+    prompts = data.shapes_prompts(full=args.prompts == "full")                  # one per colour x shape pair
+    images = generate([p["text"] for p in prompts], args.n)                     # (P, n, H, W, 3) uint8
+    asked = [p for p in prompts for _ in range(args.n)]                         # the prompt of each image
+    results, seen = {"n": len(asked)}, lambda p: (p["color"], p["shape"]) not in data.HELD_OUT_IDS
+    for group, take in (("", lambda p: True), ("seen_", seen), ("held_out_", lambda p: not seen(p))):
+        rows = [i for i, p in enumerate(asked) if take(p)]
+        named = lambda k: None if asked[0][k] is None else [asked[i][k] for i in rows]  # noqa: E731
+        acc = shapes_accuracy(images.flatten(0, 1)[rows], named("color"), named("shape"), judge, named("size"),
+                              named("bg"))
+        results |= {group + k: v for k, v in acc.items() if k.endswith("_acc")}
+    kept = images.flatten(2)                                                    # (P, n, H*W*3) bytes
+    distinct = [count_distinct(k) for k in kept]                               # per prompt
+    results |= {"duplicates": sum(args.n - d for d in distinct), "distinct_per_prompt": float(np.mean(distinct))}
+    if args.copies:  # kept images within 1/255 of a training image's reconstruction
+        results["copies"] = near_match(kept.flatten(0, 1), training_reconstructions(models)).float().mean().item()
+    if args.quickstart:
+        results |= quickstart(models, judge)
+    return results | {"judge_val_acc": ckpt["val_acc"], "judge_val_acc_degraded": ckpt["val_acc_degraded"]}
 
 
 def cmd_coco(args, model):
@@ -357,7 +427,7 @@ def cmd_coco(args, model):
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(run))
     todo = [i for i in range(len(captions)) if not (out / "images" / f"{i:05d}.png").exists()]
-    generate = generator(args) if todo else None
+    generate = generator(args)[1] if todo else None
     for j in data.progress(range(0, len(todo), 256), desc="captions, by 256"):  # a kill loses at most one chunk
         ids = todo[j:j + 256]
         for i, im in zip(ids, generate([captions[i] for i in ids], 1)[:, 0].numpy()):
@@ -373,7 +443,7 @@ def cmd_coco(args, model):
 def main(args):
     torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions move FID features by ~1e-3: keep float32 exact
     args.device = data.pick_device(args.device)
-    settings = {k: v for k, v in vars(args).items() if k in GEN_FLAGS + ("n", "count", "blur", "dims",
+    settings = {k: v for k, v in vars(args).items() if k in GEN_FLAGS + ("n", "prompts", "count", "blur", "dims",
                                                                          "ref_stats", "score_clip", "splits")}
     if args.cmd in ("shapes", "coco"):  # every setting that changes a number is printed with it
         print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
@@ -434,6 +504,12 @@ def get_parser():
     cmds["fid"].add_argument("b", help="folder or .npz")
     cmds["is"].add_argument("folder")
     cmds["shapes"].add_argument("--n", type=count, default=8, help="images per colour-shape prompt (48 prompts)")
+    cmds["shapes"].add_argument("--prompts", choices=["short", "full"], default="short", help="short: 'a red circle'; "
+                                "full: 'a {size} {colour} {shape} on a {bg} background' (size and bg judged too)")
+    cmds["shapes"].add_argument("--copies", action="store_true", help="also the share of kept images within 1/255 of "
+                                "the VQGAN reconstruction of an image the GPT trained on")
+    cmds["shapes"].add_argument("--quickstart", action="store_true", help=f"also {QUICKSTART!r} with sample.py's "
+                                "defaults, seeds 0-7: kept images that are right, the fewest distinct per seed")
     cmds["shapes"].add_argument("--judge", help=f"the shape judge; None: {data.CACHE}/shape_judge.pt, trained there "
                                                 f"on first use (under a minute)")
     q = cmds["coco"]

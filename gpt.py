@@ -78,15 +78,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None, pos=0):
         B, L, C = x.shape
         # (B, L, 3C) -> 3 x (B, H, L, hd)
-        q, k, v = (t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(C, dim=2))
+        q, k, v = (t.view(B, L, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
         if cache is not None:
             # decoding reads the keys of every earlier position; a multi-token write is only the prefill at pos 0
             assert L == 1 or pos == 0, "KV cache: several new tokens are only supported at position 0"
             k, v = cache.update(k, v, pos)
         # one new query attends to all cached keys (no mask: nanoGPT PR #694); otherwise a plain causal mask
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, L, C)  # (B, H, L, hd) -> (B, L, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -185,30 +183,22 @@ class GPT(nn.Module):
     def generate(self, cond, cfg_scale=1.0, temperature=1.0, top_k=None, top_p=None, generator=None,
                  prefix=None, use_cache=True, batch_size=None):
         """cond (B, cond_dim) CLIP embeddings (image or text; None: unconditional, then batch_size=B) -> (B, block_size)
-        tokens in raster order. cfg_scale: classifier-free guidance uncond + s * (cond - uncond), 1 = off. temperature
-        0 = greedy; top_k keeps the k best tokens, then top_p the smallest set of mass >= p. generator: for
-        reproducible samples. prefix (B, P): fixed first tokens (completion). use_cache=False recomputes every step."""
+        tokens in raster order. cfg_scale: classifier-free guidance (guide), 1 = off. temperature 0 = greedy; top_k
+        keeps the k best tokens, then top_p the smallest set of mass >= p. generator: for reproducible samples.
+        prefix (B, P): fixed first tokens (completion). use_cache=False recomputes every step."""
         T, dev = self.config.block_size, self.head.weight.device
         B = cond.shape[0] if cond is not None else batch_size
         if B is None:
             raise ValueError("generate: pass cond (B, cond_dim) or, for unconditional samples, batch_size")
-        guided = cfg_scale != 1.0
-        if guided and not self.config.null_cond:
-            raise ValueError(NO_NULL)
+        guided = cfg_scale != 1.0  # needs the null condition: _prefix refuses a GPT without one
         if guided and cond is None:
             raise ValueError("generate: cfg_scale != 1 needs a condition to guide towards")
         # classifier-free guidance runs both branches in one batch: rows [:B] conditional, [B:] the null prefix
-        c, drop = cond, None
-        if guided:
-            c = torch.cat([cond, cond])
-            drop = torch.arange(2 * B, device=dev) >= B
-        tokens = torch.zeros(B, T, dtype=torch.long, device=dev)
-        P = 0
-        if prefix is not None:
-            P = prefix.shape[1]
-            if prefix.shape[0] != B or P > T:
-                raise ValueError(f"prefix must be (B={B}, P<={T}) tokens, got {tuple(prefix.shape)}")
-            tokens[:, :P] = prefix
+        c, drop = (torch.cat([cond, cond]), torch.arange(2 * B, device=dev) >= B) if guided else (cond, None)
+        prefix = torch.zeros(B, 0, dtype=torch.long, device=dev) if prefix is None else prefix.to(dev, torch.long)
+        if prefix.shape[0] != B or (P := prefix.shape[1]) > T:
+            raise ValueError(f"prefix must be (B={B}, P<={T}) tokens, got {tuple(prefix.shape)}")
+        tokens = F.pad(prefix, (0, T - P))                                   # (B, P) -> (B, T): the rest is sampled
         rep = (lambda t: t.repeat(2, 1)) if guided else (lambda t: t)       # both branches see the same tokens
         caches = [KVCache(T) for _ in self.blocks] if use_cache else None
         for i in range(P, T):
@@ -216,13 +206,11 @@ class GPT(nn.Module):
                 h = self.hidden(rep(tokens[:, :i]), c, drop)[:, -1]                   # full recomputation
             elif i == P:
                 h = self.hidden(rep(tokens[:, :i]), c, drop, caches, 0)[:, -1]        # prefill [cond, prefix]
-            else:
-                # feed t_{i-1} at sequence position i (position 0 is the prefix token)
+            else:  # t_{i-1} at sequence position i (position 0 is the prefix token)
                 h = self.hidden(rep(tokens[:, i - 1:i]), c, drop, caches, i)[:, -1]
             logits = self.head(h).float()                                          # (B or 2B, V)
             if guided:
-                lc, lu = logits[:B], logits[B:]
-                logits = lu + cfg_scale * (lc - lu)
+                logits = guide(logits[:B], logits[B:], cfg_scale)                  # (2B, V) -> (B, V)
             tokens[:, i] = sample_logits(logits, temperature, top_k, top_p, generator)
         return tokens
 
@@ -312,6 +300,17 @@ def config_from_hfai(sd):
     return Config(vocab_size=vocab, block_size=sd["pos_emb"].shape[1], cond_dim=sd["cond_proj.weight"].shape[1],
                   n_layer=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), n_head=C // 64,
                   n_embd=C, bias=True, head_bias="head.bias" in sd, null_cond=False)
+
+
+# Guidance keeps the tokens within this many nats of the conditional branch's best (contrastive decoding's plausibility
+# constraint, Li et al. 2022, arXiv 2210.15097): plain s (c - u) lifts tokens both branches rule out (docs/shapes.md)
+CFG_PLAUSIBILITY = 2.0
+
+
+def guide(lc, lu, scale):
+    """Classifier-free guidance: (B, V) conditional and unconditional logits -> lu + s (lc - lu), implausible masked."""
+    lp = lc.log_softmax(-1)
+    return (lu + scale * (lc - lu)).masked_fill(lp < lp.max(-1, keepdim=True).values - CFG_PLAUSIBILITY, float("-inf"))
 
 
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -35,11 +35,10 @@ import vqgan
 PRESETS = {
     "tiny": dict(model="tiny", n_images=64, batch_size=8, max_steps=20, warmup=2, lr=3e-3, min_lr=1e-4,
                  eval_interval=10, eval_iters=2, log_interval=5),
-    # 1.5k steps of batch 32 (~5 minutes on 2 cores): the centred shapes world has 672 distinct images, fitted by
-    # step ~1000. emb_noise 1.5: a short prompt's text embedding sits between the image embeddings the GPT fits
-    # (docs/training.md has the sweep).
-    "shapes": dict(data="shapes", model="shapes", n_images=20_000, batch_size=32, max_steps=1500, warmup=100,
-                   lr=2e-3, min_lr=1e-4, eval_interval=500, eval_iters=10, log_interval=100, emb_noise=1.5),
+    # 3k steps of batch 32 (~9 minutes on 2 cores) on 20k images, each a different picture, data.HELD_OUT's pairs
+    # left out: 1.5k drew blobs more often. emb_noise 0.75 (LAFITE); 1.5 cost colour (docs/shapes.md has both sweeps)
+    "shapes": dict(data="shapes", model="shapes", n_images=20_000, batch_size=32, max_steps=3000, warmup=100, lr=2e-3,
+                   min_lr=1e-4, eval_interval=500, log_interval=100, emb_noise=0.75, exclude_held_out=True),
     "coco": dict(data="data/coco", model="gpt2-medium", batch_size=32, max_steps=200_000, warmup=5000, lr=5e-4,
                  min_lr=5e-5, eval_interval=2000),
     "imagenet": dict(data="imagenet", model="gpt2-xl", batch_size=16, grad_accum=2, max_steps=400_000, warmup=5000,
@@ -59,6 +58,7 @@ def get_parser():
     p.add_argument("--vqgan", help="VQGAN checkpoint (ours or taming's); given: prepare, or check, the token files")
     p.add_argument("--clip", default="ViT-B/32", help="CLIP model name or checkpoint file, for prepare")
     p.add_argument("--flip", action="store_true", help="also encode horizontally flipped copies")
+    p.add_argument("--exclude-held-out", action="store_true", help="shapes: leave out data.HELD_OUT's pairs")
     p.add_argument("--data-dir", help="tokens.npy, clip_emb.npy and meta.json (default: <out>/data)")
     p.add_argument("--prepare-only", action="store_true", help="encode the dataset and stop")
     p.add_argument("--val-frac", type=data.num(float, 0, 0.5, lo_open=True), default=0.02, help="held-out share of "
@@ -102,7 +102,7 @@ def fingerprint(path):
 def image_list_id(ds):
     if hasattr(ds, "files"):  # a folder: hash of the sorted relative paths
         return "sha256:" + hashlib.sha256("\n".join(str(p.relative_to(ds.root)) for p in ds.files).encode()).hexdigest()
-    return f"shapes seed={ds.seed} n={ds.n}"
+    return f"shapes seed={ds.seed} n={ds.n}" + (" held-out pairs excluded" if ds.exclude_held_out else "")
 
 
 def load_frozen(kind, name_or_path, device):
@@ -119,8 +119,9 @@ def prepare(args, data_dir, device):
     """Encode the dataset (or reuse matching files); returns the metadata dict."""
     vq, clip_model = load_frozen("vqgan", args.vqgan, device), load_frozen("clip", args.clip, device)
     vc = vq.config
-    ds = data.get_dataset(args.data, "train", vc.resolution, train=False, n=args.n_images)
+    ds = data.get_dataset(args.data, "train", vc.resolution, False, args.n_images, args.exclude_held_out)
     want = {"dataset": args.data, "resolution": vc.resolution, "n_images": len(ds), "flip": args.flip,
+            "held_out_excluded": [f"{c} {s}" for c, s in data.HELD_OUT] if args.exclude_held_out else [],
             "images": image_list_id(ds), "vqgan": str(Path(args.vqgan).resolve()),
             "vqgan_sha256": fingerprint(args.vqgan), "codebook_size": vc.n_embed, "grid": [vc.grid, vc.grid],
             "clip": args.clip, "clip_sha256": fingerprint(args.clip), "clip_dim": clip_model.embed_dim}
@@ -164,8 +165,7 @@ def prepare(args, data_dir, device):
         else:
             os.replace(data_dir / f"{name}.tmp.npy", data_dir / f"{name}.npy")
     meta = {**want, "rows": n, "skipped": skipped}
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
+    (tmp := meta_path.with_suffix(".tmp")).write_text(json.dumps(meta, indent=1))
     os.replace(tmp, meta_path)  # meta last: its presence means the .npy files are complete
     print(f"wrote {data_dir}: {n} rows, tokens {tok_dtype.__name__} (N, {T}), clip_emb float16 (N, {D}); "
           f"{skipped} unreadable images skipped")

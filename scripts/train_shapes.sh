@@ -8,9 +8,13 @@
 # Stage 1  train_clip.py   shapes images + captions -> a small CLIP (the only stage that reads captions)
 # Stage 2  train_vqgan.py  shapes images -> the f4 tokenizer: 32 px <-> 8x8 tokens
 # Stage 3  train_gpt.py    encode 20k images once with the *shipped* CLIP and VQGAN files (tokens.npy, clip_emb.npy),
-#                          then learn p(tokens | CLIP image embedding): language-free, as in the paper
-# Stage 4  evaluate.py     shapes accuracy of text-prompted samples (every colour x shape prompt, 8 images each),
-#                          raw and re-ranked (best 8 of 32 by CLIP score, temperature 0.7)
+#                          then learn p(tokens | CLIP image embedding): language-free, as in the paper; the GPT
+#                          never sees an image of data.HELD_OUT's colour x shape pairs
+# Stage 4  evaluate.py     shapes accuracy of text-prompted samples (every colour x shape prompt; seen and held-out
+#                          pairs apart): raw, --cfg 3, best 8 of 32 by CLIP score (+ copies of training images), full
+#                          captions and the quick-start prompt with sample.py's defaults. Each eval log,
+#                          $OUT/eval*.log, ends in one JSON line {"command", "results", "settings"}: what the README's
+#                          shapes table cites
 # Working files (logs, resumable checkpoints, token files) go to $OUT; the shipped files to $DEST.
 # THREADS=1 scripts/train_shapes.sh: one torch thread per stage, much faster when other jobs share the CPU (idle
 # intra-op threads spin-wait); the 30-minute budget is for an otherwise idle 2-core machine and torch's default.
@@ -55,9 +59,13 @@ cp "$OUT/gpt/gpt.pt" "$DEST/gpt.pt"
 ls -l "$DEST"
 du -ch "$DEST"/*.pt | tail -1
 MODELS=(--clip "$DEST/clip.pt" --vqgan "$DEST/vqgan.pt" --gpt "$DEST/gpt.pt")
-stage eval python evaluate.py shapes "${MODELS[@]}" "${EVAL_QUICK[@]}"
-# the headline figure: the best 8 of 32 candidates by CLIP score, temperature 0.7
-stage eval_ranked python evaluate.py shapes "${MODELS[@]}" --candidates 32 --temperature 0.7 "${EVAL_QUICK[@]}"
+# every figure of the shapes table (README): seen and held-out colour x shape pairs reported apart in each
+stage eval python evaluate.py shapes "${MODELS[@]}" --json "${EVAL_QUICK[@]}"                 # raw: 1 sample per image
+stage eval_cfg3 python evaluate.py shapes "${MODELS[@]}" --cfg 3 --json "${EVAL_QUICK[@]}"    # guidance, raw
+stage eval_ranked python evaluate.py shapes "${MODELS[@]}" --candidates 32 --copies --json "${EVAL_QUICK[@]}"  # 8 of 32
+# full captions and the quick-start prompt with sample.py's defaults (the best 4 of 64)
+stage eval_full python evaluate.py shapes "${MODELS[@]}" --prompts full --n 4 --candidates 64 --quickstart --json \
+  "${EVAL_QUICK[@]}"
 try="python sample.py \"a red circle on a blue background\""
 [[ "$DEST" == checkpoints/shapes ]] || try+=" --clip $DEST/clip.pt --vqgan $DEST/vqgan.pt --gpt $DEST/gpt.pt"
 echo "== all stages done in $SECONDS s; try: $try"
