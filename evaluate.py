@@ -6,9 +6,9 @@ Each number follows one trusted tool exactly (docs/results.md holds the cross-ch
   blurred by PIL's GaussianBlur(radius=k) before the resize. Files go through data.open_image, not convert("RGB").
 - IS: torch-fidelity 0.4.0 (uint8, TF1 bilinear resize, (x - 128)/128, bias-free logits, RandomState(2020), 10 splits).
 - CLIP score: 100 * max(cos(image, caption), 0) per pair, averaged, for any CLIP that clip.load loads.
-- Shapes world: colour by an exact palette analysis, shape by a small CNN trained here on data.py's images.
+- Shapes world: colour by an exact palette analysis, shape and size by the nearest of data.py's drawn shapes.
 """
-import hashlib
+import functools
 import json
 import os
 import random
@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
@@ -129,8 +128,7 @@ def inception_score(logits, splits=10, shuffle=True, seed=2020):
 @torch.no_grad()
 def clip_score(model, preprocess, images, captions, batch_size=64):
     """100 * max(cos(E_image, E_caption), 0) per pair, for `images` (PIL or paths) and their `captions` -> (N,)."""
-    p = next(model.parameters())
-    out = []
+    p, out = next(model.parameters()), []
     for i in range(0, len(images), batch_size):  # paths are opened one batch at a time
         pil = [data.open_image(im) if isinstance(im, (str, Path)) else im for im in images[i:i + batch_size]]
         x = torch.stack([preprocess(im) for im in pil]).to(p.device, p.dtype)
@@ -141,133 +139,65 @@ def clip_score(model, preprocess, images, captions, batch_size=64):
 
 
 # -----------------------------------------------------------------------------
-# shapes-world accuracy: colour by palette analysis, shape by a small CNN (never the CLIP behind the generator)
+# shapes-world accuracy: colour by palette analysis, shape and size by drawn templates (never the generator's CLIP)
 
 PALETTE = torch.tensor(list(data.COLORS.values()), dtype=torch.float32) / 255  # (8, 3), data.COLORS' order
 JUDGE_RES = 64  # data.py's shapes resolution: the judge sees every image at this size
 
 
 def palette_analysis(x):
-    """x (N, 3, H, W) in [0, 1] -> (shape colour (N,), background (N,)) palette indices; -1 = no shape pixels.
-    Each pixel takes its nearest palette colour; the background is the commonest colour on the border, the shape's
-    colour the commonest other one."""
+    """x (N, 3, H, W) in [0, 1] -> (shape colour (N,), background (N,)) palette indices; -1 = no shape pixels. Each
+    pixel takes its nearest palette colour; the background is the commonest on the border, the shape's the next."""
     count = lambda lab: torch.zeros(len(lab), 8, dtype=torch.long).scatter_add_(1, lab, torch.ones_like(lab))  # noqa
     # nearest palette colour: argmin ||x - p||^2 = argmin (||p||^2 - 2 x.p)
     labels = ((PALETTE ** 2).sum(1)[:, None, None] - 2 * torch.einsum("nchw,kc->nkhw", x, PALETTE)).argmin(1)
-    border = torch.cat([labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]], 1)  # (N, 2H + 2W)
-    bg = count(border).argmax(1)
+    bg = count(torch.cat([labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]], 1)).argmax(1)  # border's
     counts = count(labels.flatten(1))  # (N, 8) pixels per palette colour
     counts[torch.arange(len(x)), bg] = 0
     return torch.where(counts.max(1).values > 0, counts.argmax(1), -1), bg
 
 
 def foreground_map(x, color, bg):
-    """How far each pixel is along the background -> shape colour line, clamped to [0, 1]: (N, 1, 64, 64).
-    Colour-free, so the shape judge learns geometry only, and graceful under blur and noise."""
+    """Where the shape is, centred: (N, 1, 64, 64), how far each pixel is along the background -> shape colour line
+    from the border's level (shades and generators move colours off the palette), clamped to [0, 1], then moved so
+    that its centroid is the centre (generated shapes drift). Colour-free, and graceful under blur and noise."""
     x = F.interpolate(x, size=(JUDGE_RES, JUDGE_RES), mode="bilinear", antialias=True, align_corners=False)
     b, c = PALETTE[bg][:, :, None, None], PALETTE[color.clamp(min=0)][:, :, None, None]  # (N, 3, 1, 1)
-    t = ((x - b) * (c - b)).sum(1, keepdim=True) / ((c - b) ** 2).sum(1, keepdim=True).clamp(min=1e-6)
-    return t.clamp(0, 1) * (color >= 0).float()[:, None, None, None]
+    t = ((x - b) * (c - b)).sum(1) / ((c - b) ** 2).sum(1).clamp(min=1e-6)  # (N, 64, 64)
+    lo = torch.cat([t[:, 0], t[:, -1], t[:, :, 0], t[:, :, -1]], 1).median(1).values[:, None, None]  # (N, 1, 1)
+    m = (t - lo).clamp(0, 1)[:, None] * (color >= 0)[:, None, None, None]  # (N, 1, 64, 64)
+    grid = torch.linspace(-1 + 1 / JUDGE_RES, 1 - 1 / JUDGE_RES, JUDGE_RES)  # pixel centres in grid_sample's [-1, 1]
+    mass = m.sum((2, 3))[..., None].clamp(min=1e-6)  # (N, 1, 1)
+    centroid = torch.stack([(m.sum(2) * grid).sum(-1), (m.sum(3) * grid).sum(-1)], -1) / mass  # (N, 1, 2): x, y
+    theta = torch.cat([torch.eye(2).expand(len(m), 2, 2), centroid.mT], 2)  # (N, 2, 3): pixel p samples p + centroid
+    return F.grid_sample(m, F.affine_grid(theta, list(m.shape), align_corners=False), align_corners=False)
 
 
-def shape_judge():
-    def block(cin, cout):  # a stride-2 conv halves the size; BN + ReLU
-        return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-    # (N, 1, 64, 64) -> 32 -> 16 -> 8 -> 4 -> pooled (N, 48) -> (N, 6 shape + 2 size logits); trains in seconds
-    return nn.Sequential(*block(1, 12), *block(12, 24), *block(24, 48), *block(48, 48),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, len(data.SHAPES) + len(data.SIZES)))
-
-
-def degrade(x, g):
-    """What a VQGAN reconstruction does to an image, roughly: blur (sigma 0-1.5 px), noise, colour drift."""
-    n = len(x)
-    sigma = torch.rand(n, 1, 1, 1, generator=g) * 1.5 + 1e-3
-    w = torch.exp(-0.5 * (torch.arange(-3, 4).view(1, 7, 1, 1, 1) / sigma[:, None]) ** 2)  # (N, 7, 1, 1, 1)
-    w = w / w.sum(1, keepdim=True)
-    for dim in (2, 3):  # separable Gaussian as a weighted sum of shifted copies (edges replicated)
-        p = F.pad(x, (3, 3, 0, 0) if dim == 3 else (0, 0, 3, 3), mode="replicate")
-        x = sum(w[:, i] * p.narrow(dim, i, x.shape[dim]) for i in range(7))
-    gain, shift = 1 + 0.1 * torch.randn(n, 3, 1, 1, generator=g), 0.05 * torch.randn(n, 3, 1, 1, generator=g)
-    noise = torch.rand(n, 1, 1, 1, generator=g) * 0.08 * torch.randn(x.shape, generator=g)
-    return (x * gain + shift + noise).clamp(0, 1)
-
-
-def judge_set(n, seed, g):
-    """n procedural images, shapes anywhere -> judge inputs of each clean and degraded (2n, 1, 64, 64), labels (2n, 2):
-    shape, size."""
-    ds = data.Shapes(n, resolution=JUDGE_RES, seed=seed, centred=False)
-    items = [ds[i] for i in range(n)]
-    x = (torch.stack([it["image"] for it in items]) + 1) / 2  # (n, 3, 64, 64) in [0, 1]
-    color, bg = (torch.tensor([it[k] for it in items]) for k in ("color", "bg"))
-    clean, degraded = [], []
-    for i in range(0, n, 500):  # chunks keep the (500, 8, 64, 64) palette distances small
-        clean.append(foreground_map(x[i:i + 500], color[i:i + 500], bg[i:i + 500]))
-        d = degrade(x[i:i + 500], g)
-        degraded.append(foreground_map(d, *palette_analysis(d)))  # as at test time: the colours are estimated
-    return torch.cat(clean + degraded), torch.tensor([[it["shape"], it["size"]] for it in items]).repeat(2, 1)
-
-
-def judge_world():
-    """What the judge learns from; a judge cached for another world (shapes, size, data.py drawing) is retrained."""
-    probe = np.stack([data.render(data.shape_attributes(7_000_001, i, centred=False), JUDGE_RES) for i in range(16)])
-    return {"res": JUDGE_RES, "shapes": data.SHAPES, "sizes": data.SIZES,
-            "world": hashlib.sha256(probe.tobytes()).hexdigest()[:16]}
-
-
-def train_shape_judge(path, n_train=3_000, steps=300, n_val=1_000, seed=0):
-    """Train the shape judge on data.py's procedural images (clean and degraded), save it -> (model, checkpoint)."""
-    torch.manual_seed(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # convs this small gain little from threads, and lose 5x on a shared CPU (measured)
-    g = torch.Generator().manual_seed(seed)
-    x, y = judge_set(n_train, 7_000_001, g)  # worlds of their own, neither data.py's train nor its val split
-    xv, yv = judge_set(n_val, 7_000_002, g)
-    model = shape_judge()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps)
-    for _ in data.progress(range(steps), desc="training the shape judge", leave=False):
-        idx = torch.randint(len(x), (128,), generator=g)
-        logits, k = model(x[idx]), len(data.SHAPES)  # (128, shapes + sizes)
-        loss = F.cross_entropy(logits[:, :k], y[idx, 0]) + F.cross_entropy(logits[:, k:], y[idx, 1])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    torch.set_num_threads(threads)
-    with torch.no_grad():
-        logits, k = model.eval()(xv), len(data.SHAPES)
-    shape_ok, size_ok = (logits[:, :k].argmax(1) == yv[:, 0]).float(), (logits[:, k:].argmax(1) == yv[:, 1]).float()
-    ckpt = {"model": model.state_dict(), "config": judge_world() | {"n_train": n_train}, "step": steps,
-            "val_acc": shape_ok[:n_val].mean().item(), "val_acc_degraded": shape_ok[n_val:].mean().item(),
-            "val_size_acc": size_ok[:n_val].mean().item(), "val_size_acc_degraded": size_ok[n_val:].mean().item()}
-    data.save_atomic(ckpt, path)
-    print(f"trained the shape judge: held-out shape {ckpt['val_acc']:.3f} clean, {ckpt['val_acc_degraded']:.3f} "
-          f"degraded; size {ckpt['val_size_acc']:.3f}, {ckpt['val_size_acc_degraded']:.3f}")
-    return model, ckpt
-
-
-def load_shape_judge(path=None):
-    """The cached shape judge (trained on first use, under a minute on a CPU) -> (model, checkpoint dict)."""
-    path = Path(path or data.CACHE / "shape_judge.pt")
-    if path.is_file():
-        with data.loading(path, "shape judge"):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if ckpt["config"] | judge_world() == ckpt["config"]:
-            (model := shape_judge()).load_state_dict(ckpt["model"])
-            return model.eval(), ckpt
-        print(f"{path} was trained on another shapes world than data.py's: retraining it")
-    return train_shape_judge(path)
+@functools.lru_cache
+def shape_templates(resolution):
+    """Each shape drawn by data.render at `resolution`, at 5 radii over each size's range (2 were too few; the ranges
+    do not overlap), through foreground_map -> maps (T, 64*64), labels (T, 2): shape, size. Nothing is trained."""
+    attrs = [dict(color=0, bg=1, shape=shape, size=size, r=float(r), cx=0.5, cy=0.5)  # red on green: any pair does
+             for size, name in enumerate(data.SIZES) for r in np.linspace(*data.RADIUS[name], 5)
+             for shape in range(len(data.SHAPES))]
+    x = (torch.stack([data.to_tensor(data.render(a, resolution)) for a in attrs]) + 1) / 2  # (T, 3, R, R) in [0, 1]
+    fg = foreground_map(x, torch.zeros(len(x), dtype=torch.long), torch.ones(len(x), dtype=torch.long))
+    return fg.flatten(1), torch.tensor([(a["shape"], a["size"]) for a in attrs])
 
 
 @torch.no_grad()
-def shapes_accuracy(images, colors, shapes, judge, sizes=None, bgs=None):
+def shapes_accuracy(images, colors, shapes, sizes=None, bgs=None):
     """uint8 images (N, H, W, 3) and what each was asked for (indices into data.COLORS, SHAPES, SIZES, COLORS; sizes,
     bgs None where the prompts name none) -> {color, shape, both, [size, bg, all]}_acc, n and ok: (N,) bool, every
-    named attribute right. The background is the palette analysis' border colour."""
+    named attribute right. Shape and size: the template's with the highest soft IoU with the image's foreground."""
     x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W) in [0, 1]
     color, bg = palette_analysis(x)
-    logits, k = judge(foreground_map(x, color, bg)), len(data.SHAPES)       # (N, shapes + sizes)
-    pred = {"color": color, "shape": logits[:, :k].argmax(1), "size": logits[:, k:].argmax(1), "bg": bg}
+    templates, labels = shape_templates(x.shape[-1])  # (T, 64*64), (T, 2)
+    f = foreground_map(x, color, bg).flatten(1)  # (N, 64*64)
+    inter = f @ templates.T  # (N, T) soft intersections
+    iou = inter / (f.sum(1, keepdim=True) + templates.sum(1) - inter)  # intersection / union
+    shape, size = labels[iou.argmax(1)].unbind(1)  # the best template's
+    pred = {"color": color, "shape": shape, "size": size, "bg": bg}
     asked = {"color": colors, "shape": shapes, "size": sizes, "bg": bgs}
     hit = {name: pred[name] == torch.tensor(want) for name, want in asked.items() if want is not None}
     ok, rate = torch.stack(list(hit.values())).all(0), lambda t: t.double().mean().item()
@@ -375,7 +305,7 @@ def generator(args):
 QUICKSTART = "a red circle on a blue background"  # the README's first command
 
 
-def quickstart(models, judge):
+def quickstart(models):
     """sample.py's defaults on QUICKSTART, seeds 0-7 -> how many kept images are a red circle on blue, and the fewest
     distinct images one seed kept."""
     p, right, distinct = sample.get_parser(), 0, []
@@ -384,7 +314,7 @@ def quickstart(models, judge):
                                                       data.COLOR_NAMES.index("blue")))
     for seed in range(8):
         images = sample.generate(models, sample.text_embeddings(models, [QUICKSTART]), seed=seed, **flags)[0][0]
-        right += int(shapes_accuracy(images, red, circle, judge, bgs=blue)["ok"].sum())  # images (n, H, W, 3)
+        right += int(shapes_accuracy(images, red, circle, bgs=blue)["ok"].sum())  # images (n, H, W, 3)
         distinct.append(count_distinct(images.flatten(1)))
     return {"quickstart_right": right, "quickstart_kept": 8 * flags["n"], "quickstart_min_distinct": min(distinct)}
 
@@ -393,7 +323,6 @@ def cmd_shapes(args):
     """Every colour x shape pair, args.n images each, judged; also the seen pairs and data.HELD_OUT's (which the GPT
     never saw) apart; duplicates among each prompt's images; on request copies of training images, the quick start."""
     models, generate = generator(args)
-    judge, ckpt = load_shape_judge(args.judge)
     prompts = data.shapes_prompts(full=args.prompts == "full")                  # one per colour x shape pair
     images = generate([p["text"] for p in prompts], args.n)                     # (P, n, H, W, 3) uint8
     asked = [p for p in prompts for _ in range(args.n)]                         # the prompt of each image
@@ -401,17 +330,14 @@ def cmd_shapes(args):
     for group, take in (("", lambda p: True), ("seen_", seen), ("held_out_", lambda p: not seen(p))):
         rows = [i for i, p in enumerate(asked) if take(p)]
         named = lambda k: None if asked[0][k] is None else [asked[i][k] for i in rows]  # noqa: E731
-        acc = shapes_accuracy(images.flatten(0, 1)[rows], named("color"), named("shape"), judge, named("size"),
-                              named("bg"))
+        acc = shapes_accuracy(images.flatten(0, 1)[rows], named("color"), named("shape"), named("size"), named("bg"))
         results |= {group + k: v for k, v in acc.items() if k.endswith("_acc")}
     kept = images.flatten(2)                                                    # (P, n, H*W*3) bytes
     distinct = [count_distinct(k) for k in kept]                               # per prompt
     results |= {"duplicates": sum(args.n - d for d in distinct), "distinct_per_prompt": float(np.mean(distinct))}
     if args.copies:  # kept images within 1/255 of a training image's reconstruction
         results["copies"] = near_match(kept.flatten(0, 1), training_reconstructions(models)).float().mean().item()
-    if args.quickstart:
-        results |= quickstart(models, judge)
-    return results | {"judge_val_acc": ckpt["val_acc"], "judge_val_acc_degraded": ckpt["val_acc_degraded"]}
+    return results | (quickstart(models) if args.quickstart else {})
 
 
 def cmd_coco(args, model):
@@ -510,8 +436,6 @@ def get_parser():
                                 "the VQGAN reconstruction of an image the GPT trained on")
     cmds["shapes"].add_argument("--quickstart", action="store_true", help=f"also {QUICKSTART!r} with sample.py's "
                                 "defaults, seeds 0-7: kept images that are right, the fewest distinct per seed")
-    cmds["shapes"].add_argument("--judge", help=f"the shape judge; None: {data.CACHE}/shape_judge.pt, trained there "
-                                                f"on first use (under a minute)")
     q = cmds["coco"]
     q.add_argument("--captions", required=True, help="a .txt (one caption per line) or COCO's captions_*.json")
     q.add_argument("--ref-stats", required=True, help="reference .npz (evaluate.py stats --blur 0 1 2) or folder")
