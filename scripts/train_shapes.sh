@@ -7,7 +7,7 @@
 #
 # Stage 1  train_clip.py   shapes images + captions -> a small CLIP (the only stage that reads captions)
 # Stage 2  train_vqgan.py  shapes images -> the f4 tokenizer: 32 px <-> 8x8 tokens
-# Stage 3  train_gpt.py    encode 20k images once with the *shipped* CLIP and VQGAN files (tokens.npy, clip_emb.npy),
+# Stage 3  train_gpt.py    encode 40k images once with the *shipped* CLIP and VQGAN files (tokens.npy, clip_emb.npy),
 #                          then learn p(tokens | CLIP image embedding): language-free, as in the paper; the GPT
 #                          never sees an image of data.HELD_OUT's colour x shape pairs
 # Stage 4  evaluate.py     shapes accuracy of text-prompted samples (every colour x shape prompt; seen and held-out
