@@ -60,10 +60,8 @@ def shape_attributes(seed, index, centred=True):
     """The (deterministic) attributes of shapes image `index` of the world `seed`.
 
     centred=True, the world everything trains on: the shape sits in the middle, with a continuous radius within its
-    size's range and a continuous shade of its colours (JITTER), so no two images are the same picture. With a random
-    position (centred=False), a 1M-parameter GPT trained for 10 CPU minutes drew blobs: shape 0.31 even when
-    conditioned on the images' own CLIP embeddings, 0.90 centred (README, "The shapes world"). centred=False is kept
-    for the shape judge, which must see shapes anywhere."""
+    size's range and a continuous shade of its colours (JITTER), so no two images are the same picture. At a random
+    position (centred=False) the shapes GPT drew blobs (docs/results.md, "How the world came to be centred")."""
     rng = np.random.default_rng([seed, index])
     color = int(rng.integers(len(COLORS)))
     bg = int(rng.integers(len(COLORS) - 1))
@@ -287,7 +285,7 @@ def make_loader(dataset, batch_size, train, workers=None, sampler=None, seed=0):
 # plumbing shared by every script: errors, flags, devices, files, checkpoints, RNG, distributed set-up
 
 CACHE = Path(os.environ.get("CLIPGEN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-             / "clipgen")  # downloaded weights (LPIPS, FID Inception, HFAiLab's release) and the shape judge
+             / "clipgen")  # downloaded weights: LPIPS, FID Inception, HFAiLab's release
 
 
 class UserError(Exception):
@@ -697,22 +695,9 @@ def restore_rng(states):
 
 
 def read_checkpoint(path, kind):
-    """torch.load(path, weights_only=True) with every failure the file explains told in one line (see loading).
-
-    pytorch-lightning stores classes in taming's .ckpt files (PL 1.0.8 keys `callbacks` by the ModelCheckpoint class);
-    each such name is read as an empty stand-in class, so nothing from lightning is imported or run.
-    """
-    stand_ins = []
+    """torch.load(path, weights_only=True), with every failure the file explains told in one line (see loading)."""
     with loading(path, kind):
-        while True:
-            try:
-                with torch.serialization.safe_globals(stand_ins):
-                    return torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e:
-                found = re.search(r"GLOBAL ((?:pytorch_lightning|lightning)\.[\w.]+)", str(e))
-                if found is None or len(stand_ins) >= 8:
-                    raise
-                stand_ins.append((type(found.group(1).rsplit(".", 1)[1], (), {}), found.group(1)))
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def rng_state():

@@ -112,7 +112,8 @@ class LPIPS(nn.Module):
             raise data.UserError(f"--lpips {source}: no such file or folder — pass a taming .ckpt, or a folder holding "
                                  f"{Path(VGG_URL).name} and vgg.pth")
         if source.is_file():
-            sd = data.read_checkpoint(source, "LPIPS")
+            with data.loading(source, "LPIPS"):  # a taming .ckpt: read as vqgan.py reads it, without lightning
+                sd = vqgan.read_checkpoint(source)
             sd = sd.get("state_dict", {}) if isinstance(sd, dict) else {}
             sd = {k[len("loss.perceptual_loss."):].replace("scaling_layer.", ""): v for k, v in sd.items()
                   if k.startswith("loss.perceptual_loss.")}

@@ -304,7 +304,7 @@ class VQGAN(nn.Module):
         """An eval model from ours ({"model", "config", "step"}), taming's (.ckpt with "state_dict", bare or
         lightning) or HFAiLab's release ({"model", "epoch"}), given as a path or as the loaded dict."""
         name = "checkpoint dict" if isinstance(path_or_dict, dict) else str(path_or_dict)
-        ckpt = path_or_dict if isinstance(path_or_dict, dict) else _load_without_lightning(path_or_dict)
+        ckpt = path_or_dict if isinstance(path_or_dict, dict) else read_checkpoint(path_or_dict)
         if not isinstance(ckpt, dict):
             raise ValueError(f"{name} holds a {type(ckpt).__name__}, not a VQGAN checkpoint dict")
         dropped = []
@@ -364,8 +364,8 @@ def config_from_state_dict(sd):
                   embed_dim=int(embed_dim), legacy=True)  # taming's VQModel never passes legacy=False
 
 
-def _load_without_lightning(path, tries=8):
-    """torch.load(weights_only=True) that gets past pytorch-lightning classes pickled into a .ckpt.
+def read_checkpoint(path, tries=8):
+    """torch.load(weights_only=True) that gets past pytorch-lightning classes pickled into a .ckpt (taming's files).
 
     PL 1.0.8 (taming's) stores `callbacks` as {ModelCheckpoint class: state}: the class object itself is pickled
     as a GLOBAL. The weights-only unpickler refuses it; we allow-list an empty local stand-in class under exactly
