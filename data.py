@@ -215,7 +215,7 @@ class ImageFolder(Dataset):
         if not self.files:
             found = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise UserError(f"no images under {self.root} (looked recursively for {found}) — put image files there or "
-                            f"pass another --data folder")
+                            f"pass another folder")
         classes = sorted({p.parent for p in self.files})
         self.class_index = {c: i for i, c in enumerate(classes)} if len(classes) > 1 else {}
 
@@ -543,6 +543,12 @@ def explain_load_error(path, e, kind):
             return f"{path} is truncated or corrupt (an incomplete zip archive) — download or write it again"
         if not head.startswith(b"\x80"):  # a legacy (pre-1.6) torch file is a bare pickle
             return f"{path} is not a PyTorch checkpoint (it starts with {head[:4]!r}) — pass the .pt/.ckpt file"
+    else:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if not any(n.endswith("data.pkl") for n in names):  # every torch.save archive has one; .npz, .zip do not
+            return f"{path} is a zip archive of {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}, not a " \
+                   f"PyTorch checkpoint — pass the .pt/.ckpt file"
     if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         return (f"{path} holds pickled Python code ({found.group(1) if found else 'an object'}) that clipgen never "

@@ -157,7 +157,7 @@ def test_data_missing_or_empty_data_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(data.UserError) as e:
         data.get_dataset(str(tmp_path / "empty"))
     assert str(e.value) == (f"no images under {tmp_path / 'empty'} (looked recursively for .bmp, .gif, .jpeg, .jpg, "
-                            f".png, .ppm, .tif, .tiff, .webp) — put image files there or pass another --data folder")
+                            f".png, .ppm, .tif, .tiff, .webp) — put image files there or pass another folder")
 
 
 def test_data_centre_crop_is_centred_and_train_crop_random():
@@ -493,6 +493,10 @@ def test_clip_strict_load_names_keys(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(data.UserError, match="junk.pt is not a PyTorch checkpoint"):
         data.load_model(clip.load, tmp_path / "junk.pt", "clip")
+    with open(tmp_path / "stats.npz", "wb") as f:  # a zip archive, but numpy's, not torch's
+        np.savez(f, mu=np.zeros(2), sigma=np.eye(2))
+    with pytest.raises(data.UserError, match=r"stats.npz is a zip archive of mu.npy, sigma.npy, not a PyTorch checkp"):
+        data.load_model(clip.load, tmp_path / "stats.npz", "clip")
 
 
 def test_clip_text_pooling_at_first_end_token():
