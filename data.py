@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import hashlib
 import http.client
+import itertools
 import math
 import os
 import pickle
@@ -149,6 +150,13 @@ def shapes_prompts(full=False, seed=0):
             out.append(dict(text=caption(a), color=color, shape=shape, size=size if full else None,
                             bg=a["bg"] if full else None))  # the background is never the shape's colour
     return out
+
+
+def shapes_words():
+    """Every word a shapes caption can hold (each colour, shape, size, background): what the shapes models know."""
+    ranges = [range(len(names)) for names in (COLOR_NAMES, SHAPES, SIZES, COLOR_NAMES)]
+    return {w for c, s, z, b in itertools.product(*ranges)
+            for w in caption(dict(color=c, shape=s, size=z, bg=b, drop_size=False, drop_bg=False)).split()}
 
 
 def to_tensor(img):
@@ -471,14 +479,16 @@ def download(url, path, sha256=None):
 
 
 def save_atomic(obj, path):
-    """torch.save (or PIL's save, for an image) to a temporary file beside `path`, then rename: a crash never leaves a
-    half-written file, only a temp file that remove_stale_temps deletes."""
+    """torch.save (PIL's save for an image, plain text for a str) to a temporary file beside `path`, then rename: a
+    crash never leaves a half-written file, only a temp file that remove_stale_temps deletes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         if isinstance(obj, Image.Image):
             obj.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+        elif isinstance(obj, str):
+            tmp.write_text(obj)
         else:
             torch.save(obj, tmp)
         os.replace(tmp, path)

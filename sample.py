@@ -6,6 +6,7 @@
 main(): CLIP embeds the prompt (1, D) -> generate(): the GPT samples `candidates` token grids (C, h*w) on it, the
 VQGAN decodes them (C, 3, H, W), CLIP scores each against the prompt -> main(): the best `n` as PNGs and one grid.
 """
+import functools
 import itertools
 import json
 import os
@@ -35,24 +36,25 @@ Models = namedtuple("Models", "clip preprocess vqgan gpt meta")  # meta: the GPT
 def fetch_release(folder=None):
     """HFAiLab's three files in the cache, downloaded on first use; SHA256 recorded then and checked on every run."""
     folder, base = Path(folder or data.CACHE / "hfai-coco"), os.environ.get("CLIPGEN_HFAI_URL", HFAI_URL)
-    sums = json.loads(record.read_text()) if (record := folder / "sha256.json").is_file() else {}
+    record = folder / "sha256.json"
+    sums = json.loads(record.read_text()) if record.is_file() else {}
     for name in HFAI_FILES.values():
         try:
             path = folder / name if (folder / name).is_file() else data.download(f"{base}/{name}", folder / name)
         except data.UserError as e:  # offline: say where all three files go
             raise data.UserError(f"{e}, beside {' and '.join(n for n in HFAI_FILES.values() if n != name)}") from None
-        if sums.setdefault(name, digest := data.file_sha256(path)) != digest:
+        digest = data.file_sha256(path)
+        if sums.setdefault(name, digest) != digest:
             raise data.UserError(f"{path} changed since it was first fetched (SHA256 {digest[:12]}..., recorded "
                                  f"{sums[name][:12]}... in {record}) — delete it to download it again")
-    (tmp := record.with_name(f".{record.name}.{os.getpid()}.tmp")).write_text(json.dumps(sums, indent=1))
-    os.replace(tmp, record)  # written whole, then renamed
+    data.save_atomic(json.dumps(sums, indent=1), record)
     return {kind: str(folder / name) for kind, name in HFAI_FILES.items()}
 
 
 def load_models(clip=SHIPPED["clip"], vqgan=SHIPPED["vqgan"], gpt=SHIPPED["gpt"], device="cpu", dtype=None):
     """Load CLIP, VQGAN and GPT (ours, taming's, OpenAI's or HFAiLab's) and refuse a combination that does not fit."""
     paths, dtype = {"clip": clip, "vqgan": vqgan, "gpt": gpt}, dtype or torch.float32
-    load_clip = lambda p: clip_lib.load(p, device=device, dtype=dtype)  # noqa: E731
+    load_clip = functools.partial(clip_lib.load, device=device, dtype=dtype)
     clip_model, preprocess = (load_clip(clip) if clip in clip_lib.available_models() and not Path(clip).is_file()
                               else data.load_model(load_clip, clip, "clip"))  # a name: downloaded and verified
     vq = data.load_model(lambda p: VQGAN.from_checkpoint(p, device=device), vqgan, "vqgan").to(dtype)
@@ -105,7 +107,8 @@ def generate(models, cond, n=1, candidates=None, texts_for_ranking=None, tempera
         e = models.clip.encode_image(clip_lib.preprocess_tensor(x, models.clip.visual.input_resolution))
         scores.append((F.normalize(e.float(), dim=-1) * rank[s:s + batch_size]).sum(-1))  # cosine, (b,)
         images.append(((x + 1) / 2).clamp(0, 1).cpu())
-    images = torch.cat(images).view(N := cond.shape[0], candidates, *images[0].shape[1:])       # (N, C, 3, H, W)
+    N = cond.shape[0]
+    images = torch.cat(images).view(N, candidates, *images[0].shape[1:])        # (N, C, 3, H, W)
     scores, best = torch.cat(scores).view(N, candidates).cpu().topk(n, dim=1)  # keep the n best, best first
     images = images[torch.arange(N)[:, None], best]                             # (N, n, 3, H, W)
     if not as_float:
@@ -142,12 +145,8 @@ def main(args):
                          dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.cfg != 1 and not models.gpt.config.null_cond:
         raise data.UserError(f"--cfg {args.cfg}: {NO_NULL} — use --cfg 1")
-    # the shapes world's words: those of every caption data.caption writes (each colour, shape, size, background)
-    ranges = [range(len(names)) for names in (data.COLOR_NAMES, data.SHAPES, data.SIZES, data.COLOR_NAMES)]
-    vocab = {w for c, s, z, b in itertools.product(*ranges)
-             for w in data.caption(dict(color=c, shape=s, size=z, bg=b, drop_size=0, drop_bg=0)).split()}
     words = {w for p in prompts for w in re.findall(r"[a-z]+", p.lower())}
-    if models.meta.get("dataset") == "shapes" and (unknown := sorted(words - vocab)):
+    if models.meta.get("dataset") == "shapes" and (unknown := sorted(words - data.shapes_words())):
         print(f"note: the shapes-world models know only coloured shapes, not {', '.join(unknown)}; for real images: "
               f"python sample.py \"{prompts[0]}\" --weights hfai-coco")
     knobs = {k: DEFAULTS[models.meta["layout"]].get(k) if getattr(args, k) is None else getattr(args, k)
@@ -160,7 +159,8 @@ def main(args):
     labels = prompts + [f"variations of {Path(p).name}" for p in args.image or []]
     images, scores = generate(models, torch.cat(cond), temperature=args.temperature, cfg=args.cfg, seed=args.seed,
                               batch_size=args.batch_size, progress=True, **knobs)
-    (run := next(out / f"{i:03d}" for i in itertools.count() if not (out / f"{i:03d}").exists())).mkdir(parents=True)
+    run = next(out / f"{i:03d}" for i in itertools.count() if not (out / f"{i:03d}").exists())  # a new sub-folder
+    run.mkdir(parents=True)
     paths = []
     for (i, label), k in itertools.product(enumerate(labels), range(knobs["n"])):
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:60] or "prompt"

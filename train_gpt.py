@@ -165,8 +165,7 @@ def prepare(args, data_dir, device):
         else:
             os.replace(data_dir / f"{name}.tmp.npy", data_dir / f"{name}.npy")
     meta = {**want, "rows": n, "skipped": skipped}
-    (tmp := meta_path.with_suffix(".tmp")).write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, meta_path)  # meta last: its presence means the .npy files are complete
+    data.save_atomic(json.dumps(meta, indent=1), meta_path)  # meta last: its presence means the .npy files are complete
     print(f"wrote {data_dir}: {n} rows, tokens {tok_dtype.__name__} (N, {T}), clip_emb float16 (N, {D}); "
           f"{skipped} unreadable images skipped")
     return meta
