@@ -357,7 +357,7 @@ def download(url, root, sha256=None):
 
 
 def file_sha256(path):
-    """SHA256 hex digest of a file, read in 1 MB chunks (also how train_gpt.py fingerprints checkpoints)."""
+    """SHA256 hex digest of a file, read in 1 MB chunks (the scripts use data.file_sha256)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

@@ -9,7 +9,7 @@ captions, both towers, L2-normalised embeddings, logits = exp(logit_scale) * cos
 symmetric cross-entropy. Shapes captions repeat (a few hundred distinct ones), so every caption equal to an
 image's own is a positive too (multi-positive targets), not a false negative.
 The image tower is clip.py's ModifiedResNet at a tiny width: a ViT of this size does not learn shape in minutes,
-a conv tower does (reference/shapes_world.md). Text goes through the real BPE tokenizer and the causal transformer.
+a conv tower does (docs/training.md). Text goes through the real BPE tokenizer and the causal transformer.
 At every eval interval it reports zero-shot accuracy on held-out images (another world seed): colour and shape
 against the 48 short prompts "a red circle", and the full caption among all 672 "a {size} {colour} {shape} on a {bg}
 background"; and writes <out>/ckpt.pt (resumable) and <out>/clip.pt (fp16 model only, OpenAI's key names:
