@@ -326,11 +326,12 @@ def cmd_shapes(args):
     prompts = data.shapes_prompts(full=args.prompts == "full")                  # one per colour x shape pair
     images = generate([p["text"] for p in prompts], args.n)                     # (P, n, H, W, 3) uint8
     asked = [p for p in prompts for _ in range(args.n)]                         # the prompt of each image
-    results, seen = {"n": len(asked)}, lambda p: (p["color"], p["shape"]) not in data.HELD_OUT_IDS
-    for group, take in (("", lambda p: True), ("seen_", seen), ("held_out_", lambda p: not seen(p))):
-        rows = [i for i, p in enumerate(asked) if take(p)]
-        named = lambda k: None if asked[0][k] is None else [asked[i][k] for i in rows]  # noqa: E731
-        acc = shapes_accuracy(images.flatten(0, 1)[rows], named("color"), named("shape"), named("size"), named("bg"))
+    results = {"n": len(asked)}
+    held = [(p["color"], p["shape"]) in data.HELD_OUT_IDS for p in asked]       # per image: a pair the GPT never saw
+    for group, take in (("", (False, True)), ("seen_", (False,)), ("held_out_", (True,))):
+        rows = [i for i, h in enumerate(held) if h in take]
+        named = [None if asked[0][k] is None else [asked[i][k] for i in rows] for k in ("color", "shape", "size", "bg")]
+        acc = shapes_accuracy(images.flatten(0, 1)[rows], *named)
         results |= {group + k: v for k, v in acc.items() if k.endswith("_acc")}
     kept = images.flatten(2)                                                    # (P, n, H*W*3) bytes
     distinct = [count_distinct(k) for k in kept]                               # per prompt
@@ -359,7 +360,7 @@ def cmd_coco(args, model):
         for i, im in zip(ids, generate([captions[i] for i in ids], 1)[:, 0].numpy()):
             Image.fromarray(im).save(out / "images" / f"{i:05d}.png")
     results = fids(model, out / "images", args.ref_stats, args) | inception_scores(model, out / "images", args)
-    load_clip = lambda name: clip.load(name, device=args.device)  # noqa: E731
+    load_clip = functools.partial(clip.load, device=args.device)
     cm, pre = (load_clip(args.score_clip) if args.score_clip in clip.available_models()  # a name: downloaded, verified
                else data.load_model(load_clip, args.score_clip, "clip"))
     paths = [out / "images" / f"{i:05d}.png" for i in range(len(captions))]
