@@ -521,7 +521,10 @@ def describe_checkpoint(obj):
         sd, maker = obj["state_dict"], "a taming-transformers checkpoint"
     keys = {k.removeprefix("_orig_mod.").removeprefix("module.").removeprefix("first_stage_model.")
             for k in map(str, sd)}
-    has = lambda *names: any(k.startswith(names) for k in keys)
+
+    def has(*prefixes):
+        return any(k.startswith(prefixes) for k in keys)
+
     if "text_projection" in keys:
         return "clip", f"a CLIP model ({maker})"
     if has("encoder.conv_in.", "encoder.down.") and has("decoder."):
