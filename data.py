@@ -232,10 +232,8 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index):
         path = self.files[index]
-        try:
-            img = open_image(path)  # decoded fully here, so a truncated file fails now rather than in the resize
-        except Exception as e:  # PIL raises many types for bad files; any of them means "skip this one"
-            warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
+        img = open_or_skip(path)
+        if img is None:
             return None
         return dict(image=to_tensor(resize_crop(img, self.resolution, self.train)), index=index, caption="",
                     label=self.class_index.get(path.parent, -1))
@@ -437,6 +435,15 @@ def open_image(path):
         img = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
     return img.convert("RGB")
+
+
+def open_or_skip(path):
+    """open_image(path), or None and a warning for a file that does not decode: a dataset skips it (collate counts)."""
+    try:
+        return open_image(path)  # decoded fully here, so a truncated file fails now rather than in a resize
+    except Exception as e:  # PIL raises many types for bad files; any of them means "skip this one"
+        warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}")
+        return None
 
 
 def file_sha256(path):

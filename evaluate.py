@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import random
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +61,8 @@ class InceptionFolder(data.ImageFolder):
         self.blur, self.tool = blur, tool
 
     def __getitem__(self, index):
-        try:
-            img = data.open_image(self.files[index])
-        except Exception as e:  # as data.ImageFolder: any decoding error skips the file (data.collate counts it)
-            warnings.warn(f"skipping unreadable image {self.files[index]}: {type(e).__name__}: {e}")
+        img = data.open_or_skip(self.files[index])
+        if img is None:
             return None
         if self.blur:  # DALL-E / CogView FID-k; PIL's radius is the Gaussian's standard deviation
             img = img.filter(ImageFilter.GaussianBlur(self.blur))
@@ -145,14 +142,17 @@ PALETTE = torch.tensor(list(data.COLORS.values()), dtype=torch.float32) / 255  #
 JUDGE_RES = 64  # data.py's shapes resolution: the judge sees every image at this size
 
 
+def palette_counts(labels):  # (N, L) palette indices -> (N, 8) how many of each colour
+    return torch.zeros(len(labels), len(PALETTE), dtype=torch.long).scatter_add_(1, labels, torch.ones_like(labels))
+
+
 def palette_analysis(x):
     """x (N, 3, H, W) in [0, 1] -> (shape colour (N,), background (N,)) palette indices; -1 = no shape pixels. Each
     pixel takes its nearest palette colour; the background is the commonest on the border, the shape's the next."""
-    count = lambda lab: torch.zeros(len(lab), 8, dtype=torch.long).scatter_add_(1, lab, torch.ones_like(lab))  # noqa
     # nearest palette colour: argmin ||x - p||^2 = argmin (||p||^2 - 2 x.p)
     labels = ((PALETTE ** 2).sum(1)[:, None, None] - 2 * torch.einsum("nchw,kc->nkhw", x, PALETTE)).argmin(1)
-    bg = count(torch.cat([labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]], 1)).argmax(1)  # border's
-    counts = count(labels.flatten(1))  # (N, 8) pixels per palette colour
+    bg = palette_counts(torch.cat([labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]], 1)).argmax(1)
+    counts = palette_counts(labels.flatten(1))  # (N, 8) pixels per palette colour
     counts[torch.arange(len(x)), bg] = 0
     return torch.where(counts.max(1).values > 0, counts.argmax(1), -1), bg
 
