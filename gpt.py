@@ -196,7 +196,8 @@ class GPT(nn.Module):
         # classifier-free guidance runs both branches in one batch: rows [:B] conditional, [B:] the null prefix
         c, drop = (torch.cat([cond, cond]), torch.arange(2 * B, device=dev) >= B) if guided else (cond, None)
         prefix = torch.zeros(B, 0, dtype=torch.long, device=dev) if prefix is None else prefix.to(dev, torch.long)
-        if prefix.shape[0] != B or (P := prefix.shape[1]) > T:
+        P = prefix.shape[1]
+        if prefix.shape[0] != B or P > T:
             raise ValueError(f"prefix must be (B={B}, P<={T}) tokens, got {tuple(prefix.shape)}")
         tokens = F.pad(prefix, (0, T - P))                                   # (B, P) -> (B, T): the rest is sampled
         rep = (lambda t: t.repeat(2, 1)) if guided else (lambda t: t)       # both branches see the same tokens
