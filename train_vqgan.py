@@ -290,7 +290,8 @@ def main(args):
     # training loop: one autoencoder step, then one discriminator step
     stop = min(args.max_steps, step + args.stop_after) if args.stop_after else args.max_steps
     bar = data.progress(total=stop, initial=step, disable=not master, leave=False)
-    sums, counts, t0, t_step, skipped = {}, torch.zeros(raw_model.config.n_embed, device=device), time.time(), step, 0
+    counts = torch.zeros(raw_model.config.n_embed, device=device)  # how often each code was picked in the interval
+    sums, t0, t_step, skipped = {}, time.time(), step, 0
     log, evals = [], []
     it = batches(train_set, step, args, rank, world)
     while step < stop:
