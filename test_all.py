@@ -923,7 +923,9 @@ def test_train_vqgan_kill_during_checkpoint_writes(tmp_path, capsys):
         assert torch.load(out / "vqgan.pt", weights_only=True)["step"] in (ckpt["step"] - 1, ckpt["step"])
         last, seen = ckpt["step"], (out / "ckpt.pt").stat().st_ino
     capsys.readouterr()
-    train_vqgan.main(vqgan_train_args(out, "--resume", "--stop-after", 1, "--eval-interval", 1))
+    # --max-steps past the tiny preset's 6: a kill at step 6 or later must still leave a step to resume
+    train_vqgan.main(vqgan_train_args(out, "--resume", "--max-steps", 100_000, "--stop-after", 1,
+                                      "--eval-interval", 1))
     assert f"resumed {out / 'ckpt.pt'} at step {last}\n" in capsys.readouterr().out
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == last + 1 and not list(out.glob(".*"))
 
