@@ -246,9 +246,8 @@ def main(args):
     if args.restart_every is not None:
         model.config.restart_every = args.restart_every  # the quantizer reads the same config object
     disc = Discriminator(args.disc_layers)
-    lpips = get_lpips(args.lpips, device) if args.perceptual_weight > 0 else None
 
-    # data: shapes, ImageNet or a folder, at the model's resolution
+    # data: shapes, ImageNet or a folder, at the model's resolution (checked before LPIPS' downloads)
     res = model.config.resolution
     train_set = data.get_dataset(args.data, "train", res, train=True, n=args.n_images)
     val_set = data.get_dataset(args.data, "val", res, train=False, n=args.eval_images)
@@ -256,6 +255,7 @@ def main(args):
     if steps_per_epoch == 0:
         raise data.UserError(f"--batch-size {args.batch_size}: {len(train_set)} training images are less than one "
                              f"batch on each of {world} process(es) — lower --batch-size")
+    lpips = get_lpips(args.lpips, device) if args.perceptual_weight > 0 else None
 
     # optimizers (taming: two Adams, betas (0.5, 0.9)) and the state of the run to continue
     model.to(device), disc.to(device)
