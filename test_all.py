@@ -879,6 +879,10 @@ def test_train_vqgan_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     assert trainer_error(capsys, train_vqgan, *base, "--data", "imagenet") == (
         f"train_vqgan.py: error: --data imagenet: no folder {tmp_path / 'nowhere' / 'train'} — set IMAGENET_DIR to a "
         f"folder holding train/ and val/ class folders (ILSVRC2012, val sorted into classes), or pass --data FOLDER")
+    # the paper's preset (LPIPS on): the missing data is named before any weights are looked for or downloaded
+    assert trainer_error(capsys, train_vqgan, "--out", tmp_path / "out2", "--data", "imagenet", "--threads", 1) == (
+        f"train_vqgan.py: error: --data imagenet: no folder {tmp_path / 'nowhere' / 'train'} — set IMAGENET_DIR to a "
+        f"folder holding train/ and val/ class folders (ILSVRC2012, val sorted into classes), or pass --data FOLDER")
     assert trainer_error(capsys, train_vqgan, *base, "--data", tmp_path / "missing") == (
         f"train_vqgan.py: error: --data {tmp_path / 'missing'}: no such folder — pass 'shapes', 'imagenet' or a "
         f"folder of images")
