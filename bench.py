@@ -87,7 +87,7 @@ class Bench:
         self.wall_times, self.cpu_times = [], []  # of the last b.time() call, stored with each figure in the JSON
 
     def amp(self):
-        # bf16 autocast on CUDA; CPU stays fp32 (bf16 on this CPU class is emulated and slower)
+        # inference: bf16 autocast on CUDA, fp32 on CPU (as sample.py); training rows use the trainers' data.mixed_precision
         return torch.autocast("cuda", torch.bfloat16) if self.cuda else nullcontext()
 
     def sync(self):
@@ -110,11 +110,11 @@ class Bench:
             self.cpu_times.append(time.process_time() - c0)
         return times
 
-    def add(self, stage, what, size, batch, values, unit, reduced=False, note="", timed=True):
+    def add(self, stage, what, size, batch, values, unit, reduced=False, note="", timed=True, dtype=None):
         """One figure: values are per-repetition throughputs (or one derived number, timed=False); None = n/a."""
         vals = [v for v in values if v is not None]
         row = dict(stage=stage, what=what, size=size + (" (cpu-reduced)" if reduced and self.reduced else ""),
-                   dtype=self.dtype, batch=batch, median=statistics.median(vals) if vals else None,
+                   dtype=dtype or self.dtype, batch=batch, median=statistics.median(vals) if vals else None,
                    min=min(vals) if vals else None, max=max(vals) if vals else None, unit=unit, reps=len(vals),
                    note=note, wall_s=self.wall_times if timed else [], cpu_s=self.cpu_times if timed else [])
         self.rows.append(row)
@@ -197,8 +197,11 @@ def bench_gpt_train(b):
     tokens = torch.randint(0, cfg.vocab_size, (B, T), device=b.dev)
     cond = torch.randn(B, cfg.cond_dim, device=b.dev)
 
+    amp = data.mixed_precision(b.dev)[0]  # as train_gpt.py: bf16 on CUDA and on CPUs with bf16 instructions
+    dtype = "fp32" if isinstance(amp, nullcontext) else {torch.bfloat16: "bf16-amp"}.get(amp.fast_dtype, "fp16-amp")
+
     def step():
-        with b.amp():
+        with amp:
             _, loss = step_model(tokens[:, :-1], cond, targets=tokens)  # sequence [cond, t_0..t_{T-2}] = T positions
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -208,9 +211,9 @@ def bench_gpt_train(b):
     times = b.time(step)
     tok_s = [B * T / t for t in times]
     size = f"{preset} T{T}" + (" compiled" if b.args.compile else "")
-    b.add("gpt-train", "train step", size, B, tok_s, "tok/s", reduced=True)
+    b.add("gpt-train", "train step", size, B, tok_s, "tok/s", reduced=True, dtype=dtype)
     mfu = [gpt.estimate_mfu(flops_per_token, r, b.dev) for r in tok_s]
-    b.add("gpt-train", "MFU", size, B, [None if m is None else 100 * m for m in mfu], "%", reduced=True,
+    b.add("gpt-train", "MFU", size, B, [None if m is None else 100 * m for m in mfu], "%", reduced=True, dtype=dtype,
           note="" if mfu[0] is not None else "n/a: no known bf16 peak for this device")
 
 
