@@ -43,8 +43,9 @@ COLORS = {  # name -> RGB; saturated and far apart, so an exact palette analysis
 COLOR_NAMES = list(COLORS)
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond"]  # drawn upright: a diamond is not a square
 SIZES = ["small", "large"]
-RADIUS = {"small": (0.17, 0.23), "large": (0.28, 0.36)}  # half-extent as a fraction of the side; small stays >~10 px
-                                                          # at 64 px, so a small shape keeps its outline at 32 px too
+# half-extent as a fraction of the side. A small shape spans >= 14 px at 32 px, 3-4 tokens of the f4 tokenizer: at
+# 0.17-0.23 the tokenizer lost the points of 70 % of the small stars (docs/shapes.md)
+RADIUS = {"small": (0.22, 0.27), "large": (0.32, 0.40)}
 # colour x shape pairs the GPT never sees (train_gpt.py --exclude-held-out); CLIP and the VQGAN train on everything, as
 # a web-scale CLIP and a generic tokenizer would. Prompting them tests generation of unseen combinations.
 HELD_OUT = [("red", "star"), ("green", "circle"), ("blue", "triangle"), ("yellow", "cross"), ("purple", "diamond"),
