@@ -87,7 +87,7 @@ class Bench:
         self.wall_times, self.cpu_times = [], []  # of the last b.time() call, stored with each figure in the JSON
 
     def amp(self):
-        # inference: bf16 autocast on CUDA, fp32 on CPU (as sample.py); training rows use the trainers' data.mixed_precision
+        # inference: bf16 autocast on CUDA, fp32 on CPU (as sample.py); training rows: data.mixed_precision
         return torch.autocast("cuda", torch.bfloat16) if self.cuda else nullcontext()
 
     def sync(self):
