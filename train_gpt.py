@@ -35,9 +35,8 @@ import vqgan
 PRESETS = {
     "tiny": dict(model="tiny", n_images=64, batch_size=8, max_steps=20, warmup=2, lr=3e-3, min_lr=1e-4,
                  eval_interval=10, eval_iters=2, log_interval=5),
-    # 6k steps of batch 32 on 40k images, each a different picture, data.HELD_OUT's pairs left out. Dropout 0.1 is
-    # what lets it train that long: without it 5k steps lost the held-out pairs. emb_noise 0.75 (LAFITE); 1.5 cost
-    # colour (docs/shapes.md has the sweeps)
+    # 6k steps of 32 on 40k images, each a different picture, data.HELD_OUT's pairs left out. Dropout 0.1 lets it train
+    # that long (without, 5k steps lost the held-out pairs); emb_noise 0.75 (LAFITE). Sweeps: docs/shapes.md
     "shapes": dict(data="shapes", model="shapes", n_images=40_000, batch_size=32, max_steps=6000, warmup=100, lr=2e-3,
                    min_lr=1e-4, dropout=0.1, eval_interval=1000, log_interval=100, emb_noise=0.75,
                    exclude_held_out=True),
