@@ -637,12 +637,13 @@ def mixed_precision(device):
     """(autocast context, GradScaler) for training: bf16 on a GPU that has it, else fp16 with loss scaling (the
     scaler is a pass-through otherwise); bf16 on a CPU with bf16 instructions (AVX512-BF16 or AMX: 1.45x faster GPT
     and 1.6x faster VQGAN steps on a Zen 4 core, docs/speed.md); fp32 on MPS and other CPUs, which would emulate it."""
-    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-        return torch.autocast("cpu", dtype=torch.bfloat16), torch.amp.GradScaler("cuda", enabled=False)
-    if device.type != "cuda":
-        return contextlib.nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    dtype = None  # fp32
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        dtype = torch.bfloat16
+    amp = contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    return amp, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
 def is_master():
