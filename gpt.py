@@ -4,9 +4,11 @@ p(image tokens | CLIP embedding), trained on CLIP *image* embeddings and prompte
 
 Architecture in the spirit of karpathy/nanoGPT `model.py` (pre-LN blocks, fused QKV, SDPA attention, learned
 absolute positions), with the conditioning of HFAiLab/clip-gen: the L2-normalised CLIP embedding is projected by
-one Linear to a single prefix token at position 0, so the sequence is [cond, t_0 .. t_{T-2}] and its T outputs
-predict t_0 .. t_{T-1}. The head is untied. A learned null condition replaces the prefix when the condition is
-dropped in training: classifier-free guidance at sampling time (Crowson's "super-conditioning").
+one Linear to K prefix tokens, so the sequence is [c_1 .. c_K, t_0 .. t_{T-2}] and its last T outputs predict
+t_0 .. t_{T-1}. HFAiLab's GPT has K = 1; the shapes preset K = 4, as unCLIP's decoder turns its CLIP embedding into
+four tokens of context (Ramesh et al. 2022, section 2.1). The head is untied. A learned null condition replaces the
+prefix when the condition is dropped in training: classifier-free guidance at sampling time (Crowson's
+"super-conditioning").
 Reads our checkpoints ({"model", "config", "step", ...}) and HFAiLab's gpt_coco.pt (key map near the end).
 """
 
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     vocab_size: int = 16384  # codebook size of the VQGAN the tokens come from (set from meta.json)
-    block_size: int = 256    # tokens per image, h*w (16x16 for f16 at 256 px); positions = prefix + T-1 tokens
+    block_size: int = 256    # tokens per image, h*w (16x16 for f16 at 256 px); positions = K prefix + T-1 tokens
     cond_dim: int = 512      # CLIP joint-space size (512 for ViT-B/32)
     n_layer: int = 24
     n_head: int = 16
@@ -30,7 +32,8 @@ class Config:
     dropout: float = 0.0     # HFAiLab trains with 0.1; we default to 0 and let presets/flags set it
     bias: bool = True        # GPT-2 layout; False is ~6% faster (nanoGPT commit e808a671)
     head_bias: bool = False  # nanoGPT's head has none; HFAiLab's (a default nn.Linear) has one
-    null_cond: bool = True   # a learned "no condition" token (classifier-free guidance); HFAiLab's GPT has none
+    null_cond: bool = True   # a learned "no condition" prefix (classifier-free guidance); HFAiLab's GPT has none
+    cond_tokens: int = 1     # K, the prefix tokens the CLIP embedding is projected to (HFAiLab: 1)
 
 
 # Named sizes. Paper: GPT2-medium for MS-COCO, GPT2-XL for ImageNet (clipgen.md section 3; HF's gpt2-xl: 48/1600/25)
@@ -38,7 +41,7 @@ PRESETS = {
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, dropout=0.1),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, dropout=0.1),
     # shapes world: 8x8 = 64 tokens from a small codebook, 128-d CLIP; sized to train for thousands of steps on a CPU
-    "shapes": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=512, block_size=64, cond_dim=128),
+    "shapes": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=512, block_size=64, cond_dim=128, cond_tokens=4),
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=16, block_size=16, cond_dim=8),
 }
 
@@ -51,7 +54,7 @@ def make_config(preset, **overrides):
 
 
 class KVCache:
-    """Static per-layer key/value buffers, (B, n_head, block_size, head_dim), allocated on the first write."""
+    """Static per-layer key/value buffers, (B, n_head, seq_len, head_dim), allocated on the first write."""
 
     def __init__(self, size):
         self.size, self.k, self.v = size, None, None
@@ -118,11 +121,13 @@ class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.cond_proj = nn.Linear(cfg.cond_dim, cfg.n_embd, bias=cfg.bias)  # CLIP embedding -> one prefix token
+        K, C = cfg.cond_tokens, cfg.n_embd
+        self.cond_proj = nn.Linear(cfg.cond_dim, K * C, bias=cfg.bias)  # CLIP embedding -> K prefix tokens
         if cfg.null_cond:
-            self.null_cond = nn.Parameter(torch.zeros(cfg.n_embd))          # the "no condition" prefix token
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)            # position 0 is the prefix
+            self.null_cond = nn.Parameter(torch.zeros(K * C))          # the "no condition" prefix
+        self.tok_emb = nn.Embedding(cfg.vocab_size, C)
+        self.seq_len = cfg.block_size + K - 1                         # positions: the prefix, then T-1 tokens
+        self.pos_emb = nn.Embedding(self.seq_len, C)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
@@ -146,25 +151,26 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def _prefix(self, cond, drop, B):
-        """(B, cond_dim) CLIP embeddings (any norm) -> (B, 1, C) prefix tokens; drop (B,) bool picks the null one."""
+        """(B, cond_dim) CLIP embeddings (any norm) -> (B, K, C) prefix tokens; drop (B,) bool picks the null ones."""
         if (cond is None or drop is not None) and not self.config.null_cond:
             raise ValueError(NO_NULL)
+        K = self.config.cond_tokens
         if cond is None:
-            return self.null_cond.view(1, 1, -1).expand(B, 1, -1)
-        x = self.cond_proj(F.normalize(cond.float(), dim=-1).to(self.cond_proj.weight.dtype)).unsqueeze(1)
+            return self.null_cond.view(1, K, -1).expand(B, K, -1)
+        x = self.cond_proj(F.normalize(cond.float(), dim=-1).to(self.cond_proj.weight.dtype)).view(B, K, -1)
         if drop is not None:
-            x = torch.where(drop.view(B, 1, 1), self.null_cond.view(1, 1, -1).to(x.dtype), x)
+            x = torch.where(drop.view(B, 1, 1), self.null_cond.view(1, K, -1).to(x.dtype), x)
         return x
 
     def hidden(self, idx, cond, drop=None, caches=None, pos=0):
-        """Final-norm hidden states (B, L, C). At pos 0 the sequence is [cond, idx] (L = t+1), later just idx."""
+        """Final-norm hidden states (B, L, C). At pos 0 the sequence is [cond, idx] (L = K+t), later just idx."""
         B, t = idx.shape
         x = self.tok_emb(idx)                                               # (B, t, C)
         if pos == 0:
-            x = torch.cat([self._prefix(cond, drop, B).to(x.dtype), x], 1)  # (B, 1, C) + (B, t, C) -> (B, t+1, C)
+            x = torch.cat([self._prefix(cond, drop, B).to(x.dtype), x], 1)  # (B, K, C) + (B, t, C) -> (B, K+t, C)
         L = x.shape[1]
-        if pos + L > self.config.block_size:
-            raise ValueError(f"sequence of {pos + L} positions exceeds block_size {self.config.block_size}")
+        if pos + L > self.seq_len:
+            raise ValueError(f"sequence of {pos + L} positions exceeds seq_len {self.seq_len} (K + block_size - 1)")
         x = self.drop(x + self.pos_emb.weight[pos:pos + L])                # (B, L, C) + (L, C)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i], pos)
@@ -175,7 +181,7 @@ class GPT(nn.Module):
         None for the null condition; targets (B, t+1), normally t_0 .. t_t; drop (B,) bool: rows that get the null
         condition. -> logits (B, t+1, vocab), position i predicting t_i, and the mean cross-entropy (or None).
         Training on whole images: `gpt(tokens[:, :-1], cond, targets=tokens)` (sequence [cond, t_0..t_{T-2}])."""
-        logits = self.head(self.hidden(idx, cond, drop))                    # (B, t+1, V), all positions trained
+        logits = self.head(self.hidden(idx, cond, drop)[:, self.config.cond_tokens - 1:])  # (B, t+1, V): from c_K on
         loss = None if targets is None else F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         return logits, loss
 
@@ -201,14 +207,14 @@ class GPT(nn.Module):
             raise ValueError(f"prefix must be (B={B}, P<={T}) tokens, got {tuple(prefix.shape)}")
         tokens = F.pad(prefix, (0, T - P))                                   # (B, P) -> (B, T): the rest is sampled
         rep = (lambda t: t.repeat(2, 1)) if guided else (lambda t: t)       # both branches see the same tokens
-        caches = [KVCache(T) for _ in self.blocks] if use_cache else None
+        caches = [KVCache(self.seq_len) for _ in self.blocks] if use_cache else None
         for i in range(P, T):
             if not use_cache:
                 h = self.hidden(rep(tokens[:, :i]), c, drop)[:, -1]                   # full recomputation
             elif i == P:
                 h = self.hidden(rep(tokens[:, :i]), c, drop, caches, 0)[:, -1]        # prefill [cond, prefix]
-            else:  # t_{i-1} at sequence position i (position 0 is the prefix token)
-                h = self.hidden(rep(tokens[:, i - 1:i]), c, drop, caches, i)[:, -1]
+            else:  # t_{i-1} at sequence position K-1+i (positions 0..K-1 hold the condition)
+                h = self.hidden(rep(tokens[:, i - 1:i]), c, drop, caches, i + self.config.cond_tokens - 1)[:, -1]
             logits = self.head(h).float()                                          # (B or 2B, V)
             if guided:
                 logits = guide(logits[:B], logits[B:], cfg_scale)                  # (2B, V) -> (B, V)
@@ -220,7 +226,8 @@ class GPT(nn.Module):
         N leaves out the lookup tables (token/position embeddings, null token), which cost no matmul FLOPs;
         the untied head is a matmul and stays in."""
         cfg = self.config
-        n = self.num_params() - self.tok_emb.weight.numel() - self.pos_emb.weight.numel() - cfg.null_cond * cfg.n_embd
+        n = self.num_params() - self.tok_emb.weight.numel() - self.pos_emb.weight.numel() - (
+            self.null_cond.numel() if cfg.null_cond else 0)
         return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def configure_optimizers(self, weight_decay, lr, betas, device_type):

@@ -1023,8 +1023,9 @@ def tiny_gpt(seed=0, **kw):
     return model
 
 
-def test_gpt_causality_and_prefix_shapes():
-    model = tiny_gpt()
+@pytest.mark.parametrize("cond_tokens", [1, 3])  # HFAiLab's single prefix token; the shapes preset's several
+def test_gpt_causality_and_prefix_shapes(cond_tokens):
+    model = tiny_gpt(cond_tokens=cond_tokens)
     x, c = torch.randint(0, 16, (2, 15)), torch.randn(2, 8)
     logits, loss = model(x, c, targets=torch.randint(0, 16, (2, 16)))
     assert logits.shape == (2, 16, 16) and loss.ndim == 0  # [cond, t_0..t_14] predicts t_0..t_15
@@ -1040,8 +1041,9 @@ def test_gpt_causality_and_prefix_shapes():
     assert torch.allclose(model(x, 3 * c)[0], logits, atol=1e-6)
 
 
-def test_gpt_null_condition_matches_dropped_rows():
-    model = tiny_gpt()
+@pytest.mark.parametrize("cond_tokens", [1, 3])
+def test_gpt_null_condition_matches_dropped_rows(cond_tokens):
+    model = tiny_gpt(cond_tokens=cond_tokens)
     x, c = torch.randint(0, 16, (3, 15)), torch.randn(3, 8)
     drop = torch.tensor([True, False, True])
     mixed = model(x, c, drop=drop)[0]
@@ -1050,9 +1052,9 @@ def test_gpt_null_condition_matches_dropped_rows():
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=0), dict(top_k=5, top_p=0.9), dict(cfg_scale=3.0, temperature=0.8),
-                                dict(prefix=True, top_k=8)])
+                                dict(prefix=True, top_k=8), dict(cond_tokens=3, cfg_scale=2.0, prefix=True)])
 def test_gpt_kv_cache_equals_full_recomputation(kw):
-    model = tiny_gpt()
+    model = tiny_gpt(cond_tokens=kw.pop("cond_tokens", 1))
     c = torch.randn(4, 8)
     if kw.get("prefix"):
         kw["prefix"] = torch.randint(0, 16, (4, 5))
