@@ -3,12 +3,11 @@ The stage-2 transformer of CLIP-GEN (Wang et al. 2022, arXiv 2203.00386): a GPT 
 p(image tokens | CLIP embedding), trained on CLIP *image* embeddings and prompted with CLIP *text* embeddings.
 
 Architecture in the spirit of karpathy/nanoGPT `model.py` (pre-LN blocks, fused QKV, SDPA attention, learned
-absolute positions), with the conditioning of HFAiLab/clip-gen: the L2-normalised CLIP embedding is projected by
-one Linear to K prefix tokens, so the sequence is [c_1 .. c_K, t_0 .. t_{T-2}] and its last T outputs predict
-t_0 .. t_{T-1}. HFAiLab's GPT has K = 1; the shapes preset K = 4, as unCLIP's decoder turns its CLIP embedding into
-four tokens of context (Ramesh et al. 2022, section 2.1). The head is untied. A learned null condition replaces the
-prefix when the condition is dropped in training: classifier-free guidance at sampling time (Crowson's
-"super-conditioning").
+absolute positions), with the conditioning of HFAiLab/clip-gen: one Linear projects the L2-normalised CLIP embedding
+to K prefix tokens, the sequence is [c_1 .. c_K, t_0 .. t_{T-2}] and its last T outputs predict t_0 .. t_{T-1}.
+HFAiLab's GPT has K = 1; the shapes preset K = 4, as unCLIP's decoder turns its CLIP embedding into four tokens of
+context (Ramesh et al. 2022, section 2.1). Untied head. A learned null condition replaces the prefix when the condition
+is dropped in training: classifier-free guidance at sampling time (Crowson's "super-conditioning").
 Reads our checkpoints ({"model", "config", "step", ...}) and HFAiLab's gpt_coco.pt (key map near the end).
 """
 
