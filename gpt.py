@@ -224,10 +224,8 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6N + 12 * n_layer * n_embd * T (PaLM appendix B, as in nanoGPT's estimate_mfu).
         N leaves out the lookup tables (token/position embeddings, null token), which cost no matmul FLOPs;
         the untied head is a matmul and stays in."""
-        cfg = self.config
-        n = self.num_params() - self.tok_emb.weight.numel() - self.pos_emb.weight.numel() - (
-            self.null_cond.numel() if cfg.null_cond else 0)
-        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        n = sum(p.numel() for k, p in self.named_parameters() if not k.startswith(("tok_emb", "pos_emb", "null_cond")))
+        return 6 * n + 12 * self.config.n_layer * self.config.n_embd * self.config.block_size
 
     def configure_optimizers(self, weight_decay, lr, betas, device_type):
         """AdamW; decay only Linear weights (no decay on biases, norms, embeddings, null token), fused on CUDA."""
@@ -240,8 +238,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path_or_dict, device="cpu", verbose=True):
-        """An eval GPT from our checkpoint {"model", "config", ...} or HFAiLab's gpt_coco.pt {"model", "epoch"},
-        given as a path or as the loaded dict."""
+        """An eval GPT from a path or a loaded dict: ours {"model", "config", ...} or HFAiLab's gpt_coco.pt."""
         name, ckpt = ("checkpoint dict", path_or_dict) if isinstance(path_or_dict, dict) else (
             path_or_dict, torch.load(path_or_dict, map_location="cpu", weights_only=True, mmap=True))
         sd = ckpt.get("model") if isinstance(ckpt, dict) else None
@@ -284,8 +281,7 @@ NO_NULL = ("this GPT has no trained null condition (HFAiLab's COCO GPT was train
 
 
 def from_hfai(sd):
-    """HFAiLab's `model` state dict -> ours. A key the table does not know passes through, so the strict load
-    names it."""
+    """HFAiLab's `model` state dict -> ours; an unknown key passes through, so the strict load names it."""
     out = {}
     for key, v in sd.items():
         parts = key.split(".", 2)  # blocks.<i>.<their name>
