@@ -1054,6 +1054,7 @@ def test_gpt_null_condition_matches_dropped_rows(cond_tokens):
 @pytest.mark.parametrize("kw", [dict(temperature=0), dict(top_k=5, top_p=0.9), dict(cfg_scale=3.0, temperature=0.8),
                                 dict(prefix=True, top_k=8), dict(cond_tokens=3, cfg_scale=2.0, prefix=True)])
 def test_gpt_kv_cache_equals_full_recomputation(kw):
+    kw = dict(kw)  # ours to change: the prefix flag becomes tokens below
     model = tiny_gpt(cond_tokens=kw.pop("cond_tokens", 1))
     c = torch.randn(4, 8)
     if kw.get("prefix"):
